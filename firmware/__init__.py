@@ -1,0 +1,1 @@
+"""What the on-chip sequencer runs: instruction set, assembler, program generator."""

@@ -1,0 +1,1 @@
+"""Amaranth gateware components of the accelerator."""

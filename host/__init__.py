@@ -1,0 +1,1 @@
+"""Host library and the mmfree command line."""

@@ -1,0 +1,3 @@
+"""mmfree-fpga: FPGA accelerators for MatMul-free language models."""
+
+__version__ = "0.1.0"
