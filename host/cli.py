@@ -1,0 +1,215 @@
+"""The ``mmfree`` command line. Every command explains itself with ``--help``; bad input ends
+with one sentence on stderr (exit status 1), never a traceback (set MMFREE_DEBUG=1 to get one)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """A usage problem the user can fix; printed as one sentence."""
+
+
+def _parse_tokens(text: str) -> list[int]:
+    try:
+        tokens = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise CliError(f"--tokens must be comma-separated integers like 1,5,9, not {text!r}") from None
+    if not tokens:
+        raise CliError("--tokens is empty; give at least one token id")
+    return tokens
+
+
+def _add_sampling(p: argparse.ArgumentParser):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (default)")
+    g.add_argument("--temperature", type=float, metavar="T", help="sample from softmax(logits / T)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampler (default 0)")
+    p.add_argument("--max-tokens", type=int, default=128, metavar="N", help="tokens to generate (default 128)")
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_convert(args) -> int:
+    from mmfree.models.boardfile import write_board_model
+    from mmfree.models.checkpoint import load_checkpoint
+    from mmfree.models.quantized import quantize_model
+
+    cfg, tensors = load_checkpoint(args.checkpoint)
+    calib = None
+    if args.calibration_text:
+        calib = list(Path(args.calibration_text).read_bytes()[:1024])
+    qm = quantize_model(cfg, tensors, res_frac=args.res_frac, lanes=args.lanes, calibration_tokens=calib,
+                        name=args.name or Path(args.checkpoint).resolve().name,
+                        source=str(args.checkpoint))
+    out = write_board_model(qm, args.out)
+    print(f"wrote {out} ({out.stat().st_size} bytes): d={cfg.d} layers={cfg.n_layers} "
+          f"I={cfg.intermediate_size} V={cfg.vocab_size}, {cfg.ternary_weights()} ternary weights "
+          f"in {qm.lanes}-lane words, residual Q{15 - qm.res_frac}.{qm.res_frac}")
+    return 0
+
+
+def cmd_logits(args) -> int:
+    tokens = _parse_tokens(args.tokens)
+    if args.model:
+        if args.integer:
+            raise CliError("--integer goes with --checkpoint; a --model file is always run on the integer model")
+        from mmfree.models.golden import IntegerModel
+        model = IntegerModel.from_file(args.model)
+        logits = model.dequantize(model.forward(tokens))
+    else:
+        from mmfree.models.checkpoint import load_checkpoint
+        if args.integer:
+            from mmfree.models.golden import IntegerModel
+            from mmfree.models.quantized import quantize_model
+            cfg, tensors = load_checkpoint(args.checkpoint)
+            model = IntegerModel(quantize_model(cfg, tensors))
+            logits = model.dequantize(model.forward(tokens))
+        else:
+            from mmfree.models.reference import FloatModel
+            logits = FloatModel.from_checkpoint(args.checkpoint).forward(tokens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, np.asarray(logits, dtype=np.float32))
+    print(f"wrote {out}: float32 logits [{len(tokens)}, {np.asarray(logits).shape[1]}]")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from mmfree.models.golden import IntegerModel
+    from mmfree.models.sampling import ByteDecoder, Sampler, encode_prompt, generate_tokens
+
+    model = IntegerModel.from_file(args.model)
+    prompt = encode_prompt(args.prompt, model.cfg.vocab_size)
+    state = [model.new_state()]
+
+    def step(token: int) -> np.ndarray:
+        logits, state[0] = model.step(token, state[0])
+        return model.dequantize(logits)
+
+    decode = ByteDecoder()
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    for token in generate_tokens(step, prompt, args.max_tokens, Sampler(args.temperature, args.seed)):
+        out.write(decode(token))
+        out.flush()
+    out.write(decode.flush() + "\n")
+    return 0
+
+
+def _find_checkpoint(model_path: Path, recorded: str) -> Path:
+    for candidate in (model_path.parent, Path(recorded) if recorded else None):
+        if candidate is not None and (candidate / "config.json").exists():
+            return candidate
+    raise CliError(f"cannot find the float checkpoint of {model_path} (recorded source: "
+                   f"{recorded or 'none'}); pass it with --checkpoint DIR")
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from mmfree.models.corpus import CORPUS_NAME, load_corpus
+    from mmfree.models.fidelity import measure_fidelity
+    from mmfree.models.golden import IntegerModel
+    from mmfree.models.reference import FloatModel
+
+    int_model = IntegerModel.from_file(args.model)
+    ckpt = Path(args.checkpoint) if args.checkpoint else _find_checkpoint(Path(args.model), int_model.qm.source)
+    float_model = FloatModel.from_checkpoint(ckpt)
+    if float_model.cfg != int_model.cfg:
+        raise CliError(f"checkpoint {ckpt} has a different configuration than {args.model}")
+    data = Path(args.text).read_bytes() if args.text else load_corpus("val")
+    source = args.text or f"{CORPUS_NAME}, held-out split"
+    report = measure_fidelity(float_model, int_model, data, seq_len=args.seq_len, chunks=args.chunks,
+                              progress=lambda it: tqdm(it, desc="eval", unit="chunk", leave=False,
+                                                       disable=None))
+    print(report.format(f"fidelity of {args.model} (integer) vs {ckpt} (float) on {source}"))
+    return 0 if report.passed or not args.strict else 3
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmfree",
+        description="MatMul-free language models on FPGAs: convert checkpoints to board model files, "
+                    "run them on the bit-exact integer golden model, check their fidelity.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("convert", help="Hugging Face checkpoint → board model file",
+                       description="Quantize a Hugging Face hgrn_bit checkpoint directory into a board "
+                                   "model file (.mmf): trits packed for the ternary core, fixed-point "
+                                   "scales, norm weights, int8 embeddings and the sigmoid table.")
+    p.add_argument("checkpoint", metavar="HF_DIR", help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("out", metavar="OUT", help="board model file to write")
+    p.add_argument("--lanes", type=int, default=32, choices=(8, 16, 32, 64),
+                   help="trits per weight word: the ternary core's lanes (default 32)")
+    p.add_argument("--res-frac", type=int, metavar="F",
+                   help="fractional bits of the int16 residual stream (default: calibrated)")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="text whose first 1024 bytes calibrate the residual format (default: built-in English)")
+    p.add_argument("--name", help="model name stored in the file (default: the directory name)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("logits", help="logits after each of some tokens, as a .npy file",
+                       description="Feed tokens one at a time from a zero state and save the logits "
+                                   "after each as float32 [T, V]: float reference for --checkpoint, "
+                                   "integer golden model (dequantized) for --model or --checkpoint --integer.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="HF_DIR", help="Hugging Face checkpoint directory")
+    src.add_argument("--model", metavar="FILE", help="board model file")
+    p.add_argument("--integer", action="store_true", help="with --checkpoint: quantize it and run the integer model")
+    p.add_argument("--tokens", required=True, metavar="IDS", help="comma-separated token ids, e.g. 1,5,9")
+    p.add_argument("--out", required=True, metavar="X.npy", help="output file")
+    p.set_defaults(func=cmd_logits)
+
+    p = sub.add_parser("generate", help="generate text with the golden model on the CPU",
+                       description="Generate text from a prompt with the bit-exact integer golden model "
+                                   "of a board model file, on the CPU.")
+    p.add_argument("--model", required=True, metavar="FILE", help="board model file")
+    _add_sampling(p)
+    p.add_argument("prompt", help="text to start from")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="fidelity report: integer golden model vs float reference",
+                       description="Compare the integer golden model of a board model file with the float "
+                                   "reference of its checkpoint on held-out text: bits per byte of each, "
+                                   "top-1 next-token agreement and logit error.")
+    p.add_argument("--model", required=True, metavar="FILE", help="board model file")
+    p.add_argument("--checkpoint", metavar="HF_DIR",
+                   help="float checkpoint (default: the directory of FILE, else the one recorded in it)")
+    p.add_argument("--text", metavar="FILE", help="held-out text (default: the corpus's validation split)")
+    p.add_argument("--chunks", type=int, default=16, help="number of windows (default 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="bytes per window (default 256)")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when a target is missed")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "max_tokens", 0) < 0:
+        parser.error("--max-tokens must not be negative")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nmmfree: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, OSError) as exc:      # our file/format errors are ValueErrors
+        if os.environ.get("MMFREE_DEBUG"):
+            raise
+        print(f"mmfree: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The integer golden model: the network of MODEL.md in the arithmetic of arith.py.
+
+This is what the accelerator computes, bit for bit. It is built from a
+:class:`~mmfree.models.quantized.QuantizedModel` (the contents of a board model file) and runs
+one token at a time with its recurrent state (one int16 vector per layer). Logits are int16
+with ``arith.LOGIT_FRAC`` fractional bits; :meth:`IntegerModel.dequantize` turns them into
+floats for comparisons.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import arith
+from .quantized import BitLinearParams, NormParams, QuantizedModel
+
+__all__ = ["IntegerModel", "bitlinear", "norm"]
+
+
+def norm(x, p: NormParams) -> np.ndarray:
+    """RMSNorm unit: int16 in, int16 out with ``p.out_frac`` fractional bits."""
+    return arith.rmsnorm(x, p.w_q, p.w_frac, p.out_frac, p.eps_q)
+
+
+def bitlinear(x, p: BitLinearParams) -> np.ndarray:
+    """BitLinear: norm statistics, int8 quantization, ternary accumulation, rescale.
+
+    int16 ``x`` in (the fractional bits ``p.eps_q`` was made for), int16 out with
+    ``p.out_frac`` fractional bits.
+    """
+    mant, e = arith.norm_stats(x, p.eps_q)
+    a, mvn, sh = arith.quantize_activations(x, p.g_q)
+    acc = arith.ternary_accumulate(p.trits, a)
+    s, z = arith.rescale_factor(mvn, sh, mant, e, p.gamma_mant, p.scale_exp)
+    return arith.rescale(acc, s, z)
+
+
+class IntegerModel:
+    """Bit-exact integer inference of a :class:`QuantizedModel`.
+
+    State: a list with one int16 vector h (``arith.PRE_FRAC`` fractional bits) per layer.
+    """
+
+    def __init__(self, qm: QuantizedModel):
+        self.qm = qm
+        self.cfg = qm.cfg
+        self.lut = np.asarray(qm.sig_lut, dtype=np.int64)
+
+    @classmethod
+    def from_file(cls, path) -> "IntegerModel":
+        from .boardfile import read_board_model
+        return cls(read_board_model(path))
+
+    # ------------------------------------------------------------------ one token
+
+    def new_state(self) -> list[np.ndarray]:
+        return [np.zeros(self.cfg.d, dtype=np.int64) for _ in range(self.cfg.n_layers)]
+
+    def embed(self, token: int) -> np.ndarray:
+        if not 0 <= int(token) < self.cfg.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        qm = self.qm
+        return arith.embed(qm.emb_q[token], int(qm.emb_scale[token]), qm.emb_shift)
+
+    def block(self, l: int, r: np.ndarray, h: np.ndarray, trace=None):
+        """Layer ``l`` on residual ``r`` (int16, ``res_frac``) with state ``h``: (r', h')."""
+        p = self.qm.layers[l]
+        x = norm(r, p.attn_norm)
+        i_pre = bitlinear(x, p.i_proj)
+        f_pre = bitlinear(x, p.f_proj)
+        g_pre = bitlinear(x, p.g_proj)
+        f = arith.forget_gate(f_pre, p.lower_bound, self.lut)
+        h = arith.mlgru_update(h, i_pre, f, self.lut)
+        o = arith.output_gate(norm(g_pre, p.g_norm), p.g_norm.out_frac, h, self.lut)
+        r = arith.sat16(r + bitlinear(o, p.o_proj))
+        if trace is not None:
+            trace.append(r)
+        gate_up = bitlinear(norm(r, p.mlp_norm), p.gate_proj)
+        inter = self.cfg.intermediate_size
+        u = arith.glu(gate_up[:inter], gate_up[inter:], self.lut)
+        r = arith.sat16(r + bitlinear(u, p.down_proj))
+        if trace is not None:
+            trace.append(r)
+        return r, h
+
+    def step(self, token: int, state: list[np.ndarray], trace=None):
+        """Feed one token: returns (int16 logits [V], new state). ``state`` is not modified.
+        ``trace``, a list, receives the residual stream after every residual add."""
+        r = self.embed(token)
+        if trace is not None:
+            trace.append(r)
+        new_state = []
+        for l in range(self.cfg.n_layers):
+            r, h = self.block(l, r, state[l], trace)
+            new_state.append(h)
+        logits = bitlinear(norm(r, self.qm.final_norm), self.qm.lm_head)
+        return logits, new_state
+
+    # ------------------------------------------------------------------ sequences
+
+    def forward(self, tokens) -> np.ndarray:
+        """int16 logits [T, V] after each token, fed one at a time from a zero state."""
+        state = self.new_state()
+        out = []
+        for t in tokens:
+            logits, state = self.step(int(t), state)
+            out.append(logits)
+        return np.array(out, dtype=np.int64).reshape(len(out), self.cfg.vocab_size)
+
+    def residual_peak(self, tokens) -> int:
+        """Largest |residual| value while running ``tokens`` (used to calibrate ``res_frac``)."""
+        state, peak = self.new_state(), 0
+        for t in tokens:
+            trace: list[np.ndarray] = []
+            _, state = self.step(int(t), state, trace)
+            peak = max(peak, max(int(np.abs(r).max()) for r in trace))
+        return peak
+
+    @staticmethod
+    def dequantize(logits) -> np.ndarray:
+        return np.asarray(logits, dtype=np.float64) / (1 << arith.LOGIT_FRAC)
