@@ -27,10 +27,11 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"config field {name} must be a positive integer, not {value!r}")
-        if not (self.rms_norm_eps > 0):
-            raise ConfigError(f"config field rms_norm_eps must be positive, not {self.rms_norm_eps!r}")
+        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \
+                or not (self.rms_norm_eps > 0):
+            raise ConfigError(f"config field rms_norm_eps must be a positive number, not {self.rms_norm_eps!r}")
 
     @property
     def d(self) -> int:
@@ -64,14 +65,22 @@ class ModelConfig:
         d = need("hidden_size")
         inter = raw.get("intermediate_size")
         if inter is None:
-            inter = cls.default_intermediate_size(d, raw.get("hidden_ratio") or 4)
+            ratio = raw.get("hidden_ratio") or 4
+            if isinstance(d, bool) or not isinstance(d, int):
+                raise ConfigError(f"config field hidden_size must be a positive integer, not {d!r}")
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+                raise ConfigError(f"config field hidden_ratio must be a number, not {ratio!r}")
+            inter = cls.default_intermediate_size(d, ratio)
+        use_lower_bound = raw.get("use_lower_bound", True)
+        if not isinstance(use_lower_bound, bool):
+            raise ConfigError(f"config field use_lower_bound must be true or false, not {use_lower_bound!r}")
         return cls(
             vocab_size=need("vocab_size"),
             hidden_size=d,
             num_hidden_layers=need("num_hidden_layers"),
             intermediate_size=inter,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            use_lower_bound=bool(raw.get("use_lower_bound", True)),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            use_lower_bound=use_lower_bound,
         )
 
     @classmethod
