@@ -193,11 +193,12 @@ def quantize_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, res_frac
     model itself when not given: the most bits that leave 4x headroom over the largest residual
     value seen.
     """
-    from .reference import ternarize   # absmean ternarization exactly as MODEL.md
+    from .reference import BITLINEAR_EPS, ternarize   # absmean ternarization exactly as MODEL.md
 
     if lanes not in (8, 16, 32, 64):
         raise ConversionError(f"lanes must be 8, 16, 32 or 64, not {lanes}")
-    eps = cfg.rms_norm_eps
+    eps = cfg.rms_norm_eps              # block norms; BitLinear norms use the kernel's 1e-6
+    bl_eps = BITLINEAR_EPS
     ternary = dict(ternary or {})
 
     def tern(name: str):
@@ -217,24 +218,24 @@ def quantize_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, res_frac
             projs = {}
             for proj in "ifg":
                 projs[proj] = make_bitlinear(*tern(p + f"attn.{proj}_proj.weight"),
-                                             tensors[p + f"attn.{proj}_proj.norm.weight"], eps,
+                                             tensors[p + f"attn.{proj}_proj.norm.weight"], bl_eps,
                                              attn_norm.out_frac, arith.PRE_FRAC)
             o_proj = make_bitlinear(*tern(p + "attn.o_proj.weight"),
-                                    tensors[p + "attn.o_proj.norm.weight"], eps, arith.O_FRAC, rf)
+                                    tensors[p + "attn.o_proj.norm.weight"], bl_eps, arith.O_FRAC, rf)
             g_norm = make_norm(tensors[p + "attn.g_norm.weight"], eps, arith.PRE_FRAC)
             mlp_norm = make_norm(tensors[p + "mlp_norm.weight"], eps, rf)
             gate = make_bitlinear(*tern(p + "mlp.gate_proj.weight"),
-                                  tensors[p + "mlp.gate_proj.norm.weight"], eps,
+                                  tensors[p + "mlp.gate_proj.norm.weight"], bl_eps,
                                   mlp_norm.out_frac, arith.PRE_FRAC)
             down = make_bitlinear(*tern(p + "mlp.down_proj.weight"),
-                                  tensors[p + "mlp.down_proj.norm.weight"], eps, arith.U_FRAC, rf)
+                                  tensors[p + "mlp.down_proj.norm.weight"], bl_eps, arith.U_FRAC, rf)
             layers.append(LayerParams(
                 attn_norm=attn_norm, i_proj=projs["i"], f_proj=projs["f"], g_proj=projs["g"],
                 o_proj=o_proj, g_norm=g_norm,
                 lower_bound=None if (lbs is None or l == 0) else lbs[l],
                 mlp_norm=mlp_norm, gate_proj=gate, down_proj=down))
         final_norm = make_norm(tensors["model.norm.weight"], eps, rf)
-        head = make_bitlinear(*tern("lm_head.weight"), tensors["lm_head.norm.weight"], eps,
+        head = make_bitlinear(*tern("lm_head.weight"), tensors["lm_head.norm.weight"], bl_eps,
                               final_norm.out_frac, arith.LOGIT_FRAC)
         emb_q, emb_scale, emb_shift = quantize_embeddings(tensors["model.embeddings.weight"], rf)
         return QuantizedModel(cfg=cfg, lanes=lanes, res_frac=rf, emb_shift=emb_shift, emb_q=emb_q,
