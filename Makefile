@@ -37,8 +37,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
-# Debian packages the tests need: the corpus of the shipped model (fortunes, fortunes-min).
-SYSTEM_PACKAGES := fortunes fortunes-min
+# Debian packages the tests need: the corpus of the shipped model (fortunes, fortunes-min) and
+# Icarus Verilog for the cocotb testbenches.
+SYSTEM_PACKAGES := fortunes fortunes-min iverilog
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
