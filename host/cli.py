@@ -52,7 +52,7 @@ def cmd_convert(args) -> int:
     out = write_board_model(qm, args.out)
     print(f"wrote {out} ({out.stat().st_size} bytes): d={cfg.d} layers={cfg.n_layers} "
           f"I={cfg.intermediate_size} V={cfg.vocab_size}, {cfg.ternary_weights()} ternary weights "
-          f"in {qm.lanes}-lane words, residual Q{15 - qm.res_frac}.{qm.res_frac}")
+          f"in {qm.lanes}-lane words, residual fractional bits per stage {list(qm.res_fracs)}")
     return 0
 
 
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lanes", type=int, default=32, choices=(8, 16, 32, 64),
                    help="trits per weight word: the ternary core's lanes (default 32)")
     p.add_argument("--res-frac", type=int, metavar="F",
-                   help="fractional bits of the int16 residual stream (default: calibrated)")
+                   help="fractional bits of the int16 residual stream at every stage "
+                        "(default: calibrated per stage)")
     p.add_argument("--calibration-text", metavar="FILE",
                    help="text whose first 1024 bytes calibrate the residual format (default: built-in English)")
     p.add_argument("--name", help="model name stored in the file (default: the directory name)")
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="HF_DIR",
                    help="float checkpoint (default: the directory of FILE, else the one recorded in it)")
     p.add_argument("--text", metavar="FILE", help="held-out text (default: the corpus's validation split)")
-    p.add_argument("--chunks", type=int, default=16, help="number of windows (default 16)")
+    p.add_argument("--chunks", type=int, default=32, help="number of windows (default 32)")
     p.add_argument("--seq-len", type=int, default=256, help="bytes per window (default 256)")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a target is missed")
     p.set_defaults(func=cmd_eval)

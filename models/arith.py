@@ -19,19 +19,17 @@ import math
 import numpy as np
 
 __all__ = [
-    "ARITH_VERSION", "PRE_FRAC", "O_FRAC", "U_FRAC", "LOGIT_FRAC", "ONE_Q15",
+    "ARITH_VERSION", "PRE_FRAC", "LOGIT_FRAC", "ONE_Q15",
     "SIG_LUT_SIZE", "SIG_STEP_BITS", "ACT_MAX", "QUANT_BITS",
     "sat", "sat16", "rshift_round", "irsqrt", "norm_stats", "rmsnorm",
     "quantize_activations", "ternary_accumulate", "rescale_factor", "rescale",
     "sigmoid_lut", "sigmoid_q", "silu_q", "forget_gate", "mlgru_update", "output_gate",
-    "glu", "embed", "argmax",
+    "glu", "embed", "residual_add", "argmax",
 ]
 
 ARITH_VERSION = 1          # bump when any function below changes its results
 
 PRE_FRAC = 10              # i, f, g, gate and up projection outputs; the state h: int16, ±32
-O_FRAC = 9                 # MLGRU output o = rms(g)·silu(h), input of o_proj: int16, ±64
-U_FRAC = 9                 # GLU output silu(gate)·up, input of down_proj: int16, ±64
 LOGIT_FRAC = 8             # LM head output: int16, ±128
 ONE_Q15 = 1 << 15          # 1.0 in Q1.15
 
@@ -234,17 +232,19 @@ def mlgru_update(h, i_pre, f_q, lut=None) -> np.ndarray:
     return sat16(rshift_round(acc, 15))
 
 
-def output_gate(g_normed, g_frac: int, h, lut=None) -> np.ndarray:
-    """``o = rms(g)·silu(h)``: ``sat16(rshift_round(g_n · silu(h), g_frac + PRE_FRAC - O_FRAC))``.
-    ``g_normed`` has ``g_frac`` fractional bits (the g_norm output format); o has O_FRAC."""
+def output_gate(g_normed, g_frac: int, h, o_frac: int, lut=None) -> np.ndarray:
+    """``o = rms(g)·silu(h)``: ``sat16(rshift_round(g_n · silu(h), g_frac + PRE_FRAC - o_frac))``.
+    ``g_normed`` has ``g_frac`` fractional bits (the g_norm output format), h PRE_FRAC, and o
+    ``o_frac`` (per layer, calibrated by the converter)."""
     prod = _as_i64(g_normed) * silu_q(h, lut)
-    return sat16(rshift_round(prod, g_frac + PRE_FRAC - O_FRAC))
+    return sat16(rshift_round(prod, g_frac + PRE_FRAC - o_frac))
 
 
-def glu(gate, up, lut=None) -> np.ndarray:
-    """``u = silu(gate) · up``: ``sat16(rshift_round(silu(gate) · up, 2·PRE_FRAC - U_FRAC))``."""
+def glu(gate, up, u_frac: int, lut=None) -> np.ndarray:
+    """``u = silu(gate) · up``: ``sat16(rshift_round(silu(gate) · up, 2·PRE_FRAC - u_frac))``;
+    ``u_frac`` per layer, calibrated by the converter."""
     prod = silu_q(gate, lut) * _as_i64(up)
-    return sat16(rshift_round(prod, 2 * PRE_FRAC - U_FRAC))
+    return sat16(rshift_round(prod, 2 * PRE_FRAC - u_frac))
 
 
 # --------------------------------------------------------------------------- ends of the network
@@ -253,6 +253,14 @@ def embed(row_q, row_scale: int, emb_shift: int) -> np.ndarray:
     """Residual stream from an int8 embedding row with its uint16 row scale:
     ``r = sat16(rshift_round(row_q · row_scale, emb_shift))``."""
     return sat16(rshift_round(_as_i64(row_q) * int(row_scale), emb_shift))
+
+
+def residual_add(r, delta, shift: int) -> np.ndarray:
+    """``r' = sat16(rshift_round(r, shift) + delta)``: the residual moves to a format with
+    ``shift`` fewer fractional bits (``shift >= 0``) as it takes the sublayer's output."""
+    if shift < 0:
+        raise ValueError(f"residual formats never gain fractional bits (shift {shift})")
+    return sat16(rshift_round(_as_i64(r), shift) + _as_i64(delta))
 
 
 def argmax(logits) -> int:

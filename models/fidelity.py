@@ -59,7 +59,7 @@ class FidelityReport:
         return "\n".join(lines)
 
 
-def measure_fidelity(float_model, int_model, data: bytes, seq_len: int = 256, chunks: int = 16,
+def measure_fidelity(float_model, int_model, data: bytes, seq_len: int = 256, chunks: int = 32,
                      progress=None) -> FidelityReport:
     """Run both models over ``chunks`` evenly spaced windows of ``seq_len + 1`` bytes of
     ``data``, each from a zero state, and compare next-token predictions. ``progress`` may wrap

@@ -62,36 +62,42 @@ class IntegerModel:
         qm = self.qm
         return arith.embed(qm.emb_q[token], int(qm.emb_scale[token]), qm.emb_shift)
 
-    def block(self, l: int, r: np.ndarray, h: np.ndarray, trace=None):
-        """Layer ``l`` on residual ``r`` (int16, ``res_frac``) with state ``h``: (r', h')."""
+    def block(self, l: int, r: np.ndarray, h: np.ndarray, probe=None):
+        """Layer ``l`` on residual ``r`` (int16, ``res_fracs[2l]``) with state ``h``: (r', h')."""
         p = self.qm.layers[l]
+        rf = self.qm.res_fracs
         x = norm(r, p.attn_norm)
         i_pre = bitlinear(x, p.i_proj)
         f_pre = bitlinear(x, p.f_proj)
         g_pre = bitlinear(x, p.g_proj)
         f = arith.forget_gate(f_pre, p.lower_bound, self.lut)
         h = arith.mlgru_update(h, i_pre, f, self.lut)
-        o = arith.output_gate(norm(g_pre, p.g_norm), p.g_norm.out_frac, h, self.lut)
-        r = arith.sat16(r + bitlinear(o, p.o_proj))
-        if trace is not None:
-            trace.append(r)
+        o = arith.output_gate(norm(g_pre, p.g_norm), p.g_norm.out_frac, h, p.o_frac, self.lut)
+        if probe:
+            probe(f"o{l}", o)
+        r = arith.residual_add(r, bitlinear(o, p.o_proj), rf[2 * l] - rf[2 * l + 1])
+        if probe:
+            probe(f"r{2 * l + 1}", r)
         gate_up = bitlinear(norm(r, p.mlp_norm), p.gate_proj)
         inter = self.cfg.intermediate_size
-        u = arith.glu(gate_up[:inter], gate_up[inter:], self.lut)
-        r = arith.sat16(r + bitlinear(u, p.down_proj))
-        if trace is not None:
-            trace.append(r)
+        u = arith.glu(gate_up[:inter], gate_up[inter:], p.u_frac, self.lut)
+        if probe:
+            probe(f"u{l}", u)
+        r = arith.residual_add(r, bitlinear(u, p.down_proj), rf[2 * l + 1] - rf[2 * l + 2])
+        if probe:
+            probe(f"r{2 * l + 2}", r)
         return r, h
 
-    def step(self, token: int, state: list[np.ndarray], trace=None):
+    def step(self, token: int, state: list[np.ndarray], probe=None):
         """Feed one token: returns (int16 logits [V], new state). ``state`` is not modified.
-        ``trace``, a list, receives the residual stream after every residual add."""
+        ``probe(name, vector)``, if given, sees the residual after each stage (``r0`` .. ``r{2L}``)
+        and each layer's o and u vectors (``o{l}``, ``u{l}``)."""
         r = self.embed(token)
-        if trace is not None:
-            trace.append(r)
+        if probe:
+            probe("r0", r)
         new_state = []
         for l in range(self.cfg.n_layers):
-            r, h = self.block(l, r, state[l], trace)
+            r, h = self.block(l, r, state[l], probe)
             new_state.append(h)
         logits = bitlinear(norm(r, self.qm.final_norm), self.qm.lm_head)
         return logits, new_state
@@ -107,14 +113,17 @@ class IntegerModel:
             out.append(logits)
         return np.array(out, dtype=np.int64).reshape(len(out), self.cfg.vocab_size)
 
-    def residual_peak(self, tokens) -> int:
-        """Largest |residual| value while running ``tokens`` (used to calibrate ``res_frac``)."""
-        state, peak = self.new_state(), 0
+    def peaks(self, tokens) -> dict[str, int]:
+        """Largest |value| of every probed vector (see :meth:`step`) while running ``tokens``;
+        the converter calibrates formats with it."""
+        state, peaks = self.new_state(), {}
+
+        def probe(name, vector):
+            peaks[name] = max(peaks.get(name, 0), int(np.abs(vector).max()))
+
         for t in tokens:
-            trace: list[np.ndarray] = []
-            _, state = self.step(int(t), state, trace)
-            peak = max(peak, max(int(np.abs(r).max()) for r in trace))
-        return peak
+            _, state = self.step(int(t), state, probe)
+        return peaks
 
     @staticmethod
     def dequantize(logits) -> np.ndarray:

@@ -71,13 +71,19 @@ class LayerParams:
     mlp_norm: NormParams
     gate_proj: BitLinearParams          # [2I, d]: rows 0..I-1 gate, I..2I-1 up
     down_proj: BitLinearParams
+    o_frac: int                         # format of o = rms(g)·silu(h), the input of o_proj
+    u_frac: int                         # format of u = silu(gate)·up, the input of down_proj
 
 
 @dataclass
 class QuantizedModel:
+    """All integer parameters of a model. The residual stream is int16 with ``res_fracs[k]``
+    fractional bits after stage k (0: embedding; 2l+1: after layer l's token mixer; 2l+2: after
+    its channel mixer), non-increasing, because residual magnitudes grow through the network.
+    ``formats`` records how they and each layer's o/u formats were chosen."""
     cfg: ModelConfig
     lanes: int
-    res_frac: int                       # fractional bits of the int16 residual stream
+    res_fracs: tuple[int, ...]          # residual stream format after each of the 2L+1 stages
     emb_shift: int
     emb_q: np.ndarray                   # int8 [V, d]
     emb_scale: np.ndarray               # uint16 [V]
@@ -158,6 +164,15 @@ def make_bitlinear(trits: np.ndarray, gamma: float, g: np.ndarray, eps: float,
                            eps_q=_eps_q(eps, in_frac))
 
 
+def bitlinear_bound_frac(trits: np.ndarray, gamma: float, g: np.ndarray) -> int:
+    """Output fractional bits with which a BitLinear can never saturate int16:
+    ``|out_i| <= nnz_i · γ · max|y|`` and ``max|y| <= sqrt(n) · max|g|`` (1% margin)."""
+    nnz = int(np.abs(np.asarray(trits, dtype=np.int64)).sum(axis=1).max(initial=0))
+    g = np.asarray(g, dtype=np.float64)
+    bound = max(nnz, 1) * float(gamma) * math.sqrt(g.size) * max(float(np.abs(g).max()), 2.0 ** -15) * 1.01
+    return _frac_for(bound, hi=15)
+
+
 def lower_bounds_q15(lower_bounds: np.ndarray) -> np.ndarray:
     """MODEL.md: softmax over layers, cumsum, minus the first row; as Q1.15 uint16."""
     lb = np.asarray(lower_bounds, dtype=np.float64)
@@ -180,18 +195,36 @@ def quantize_embeddings(emb: np.ndarray, res_frac: int) -> tuple[np.ndarray, np.
     return emb_q, emb_scale, emb_shift
 
 
+def snap_embeddings(emb: np.ndarray) -> np.ndarray:
+    """The embedding table rounded onto its own int8 per-row grid (float32).
+
+    A checkpoint whose table is snapped loses nothing in :func:`quantize_embeddings`: the
+    integer model then sees exactly the float model's embeddings. Training does this as its last
+    step (the table is the only full-precision weight the board stores in 8 bits)."""
+    emb = np.asarray(emb, dtype=np.float64)
+    scale = np.abs(emb).max(axis=1) / arith.ACT_MAX
+    safe = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.round(emb / safe[:, None]), -127, 127) * scale[:, None]).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- the converter
 
-def quantize_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, res_frac: int | None = None,
-                   lanes: int = DEFAULT_LANES, ternary: dict[str, tuple[np.ndarray, float]] | None = None,
+def quantize_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
+                   res_frac: int | list[int] | None = None, o_frac: int | list[int] | None = None,
+                   u_frac: int | list[int] | None = None, lanes: int = DEFAULT_LANES,
+                   ternary: dict[str, tuple[np.ndarray, float]] | None = None,
                    calibration_tokens=None, name: str = "model", source: str = "") -> QuantizedModel:
     """Float checkpoint tensors → integer parameters.
 
     ``ternary`` may give (T, γ) per latent weight name for weights that are already ternary
-    (never re-derive γ from trits); other weights are ternarized here. ``res_frac`` (the
-    residual stream's fractional bits) is calibrated on ``calibration_tokens`` with the golden
-    model itself when not given: the most bits that leave 4x headroom over the largest residual
-    value seen.
+    (never re-derive γ from trits); other weights are ternarized here.
+
+    Formats (fractional bits of int16 vectors): ``res_frac`` for the residual stream, one int
+    for every stage or 2L+1 non-increasing values; ``o_frac`` and ``u_frac`` for the inputs of
+    o_proj and down_proj, one int or one per layer. What is not given is calibrated: the
+    embedding stage gets the most bits its table allows, and every other format the most bits
+    that leave 4x headroom over the largest value the golden model itself produces there on
+    ``calibration_tokens``.
     """
     from .reference import BITLINEAR_EPS, ternarize   # absmean ternarization exactly as MODEL.md
 
@@ -200,6 +233,7 @@ def quantize_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, res_frac
     eps = cfg.rms_norm_eps              # block norms; BitLinear norms use the kernel's 1e-6
     bl_eps = BITLINEAR_EPS
     ternary = dict(ternary or {})
+    stages = 2 * cfg.n_layers + 1
 
     def tern(name: str):
         if name in ternary:
@@ -208,45 +242,68 @@ def quantize_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, res_frac
         t, gamma = ternarize(tensors[name])
         return np.asarray(t, dtype=np.int8), float(gamma)
 
+    from .checkpoint import tensor_shapes
+    trits = {name: tern(name) for name in tensor_shapes(cfg)
+             if name.endswith("_proj.weight") or name == "lm_head.weight"}
     lbs = lower_bounds_q15(tensors["model.lower_bounds"]) if cfg.use_lower_bound else None
 
-    def build(rf: int) -> QuantizedModel:
+    def build(rf: tuple[int, ...], of: tuple[int, ...], uf: tuple[int, ...]) -> QuantizedModel:
         layers = []
         for l in range(cfg.n_layers):
             p = f"model.layers.{l}."
-            attn_norm = make_norm(tensors[p + "attn_norm.weight"], eps, rf)
+            r_in, r_mid, r_out = rf[2 * l], rf[2 * l + 1], rf[2 * l + 2]
+            attn_norm = make_norm(tensors[p + "attn_norm.weight"], eps, r_in)
             projs = {}
             for proj in "ifg":
-                projs[proj] = make_bitlinear(*tern(p + f"attn.{proj}_proj.weight"),
-                                             tensors[p + f"attn.{proj}_proj.norm.weight"], bl_eps,
-                                             attn_norm.out_frac, arith.PRE_FRAC)
-            o_proj = make_bitlinear(*tern(p + "attn.o_proj.weight"),
-                                    tensors[p + "attn.o_proj.norm.weight"], bl_eps, arith.O_FRAC, rf)
-            g_norm = make_norm(tensors[p + "attn.g_norm.weight"], eps, arith.PRE_FRAC)
-            mlp_norm = make_norm(tensors[p + "mlp_norm.weight"], eps, rf)
-            gate = make_bitlinear(*tern(p + "mlp.gate_proj.weight"),
+                t, gamma = trits[p + f"attn.{proj}_proj.weight"]
+                g_weight = tensors[p + f"attn.{proj}_proj.norm.weight"]
+                # i and f feed the sigmoid table (fixed format); g feeds only g_norm, which is
+                # scale invariant, so its format is the one that provably never saturates.
+                out_frac = bitlinear_bound_frac(t, gamma, g_weight) if proj == "g" else arith.PRE_FRAC
+                projs[proj] = make_bitlinear(t, gamma, g_weight, bl_eps, attn_norm.out_frac, out_frac)
+            o_proj = make_bitlinear(*trits[p + "attn.o_proj.weight"],
+                                    tensors[p + "attn.o_proj.norm.weight"], bl_eps, of[l], r_mid)
+            g_norm = make_norm(tensors[p + "attn.g_norm.weight"], eps, projs["g"].out_frac)
+            mlp_norm = make_norm(tensors[p + "mlp_norm.weight"], eps, r_mid)
+            gate = make_bitlinear(*trits[p + "mlp.gate_proj.weight"],
                                   tensors[p + "mlp.gate_proj.norm.weight"], bl_eps,
                                   mlp_norm.out_frac, arith.PRE_FRAC)
-            down = make_bitlinear(*tern(p + "mlp.down_proj.weight"),
-                                  tensors[p + "mlp.down_proj.norm.weight"], bl_eps, arith.U_FRAC, rf)
+            down = make_bitlinear(*trits[p + "mlp.down_proj.weight"],
+                                  tensors[p + "mlp.down_proj.norm.weight"], bl_eps, uf[l], r_out)
             layers.append(LayerParams(
                 attn_norm=attn_norm, i_proj=projs["i"], f_proj=projs["f"], g_proj=projs["g"],
                 o_proj=o_proj, g_norm=g_norm,
                 lower_bound=None if (lbs is None or l == 0) else lbs[l],
-                mlp_norm=mlp_norm, gate_proj=gate, down_proj=down))
-        final_norm = make_norm(tensors["model.norm.weight"], eps, rf)
-        head = make_bitlinear(*tern("lm_head.weight"), tensors["lm_head.norm.weight"], bl_eps,
+                mlp_norm=mlp_norm, gate_proj=gate, down_proj=down, o_frac=of[l], u_frac=uf[l]))
+        final_norm = make_norm(tensors["model.norm.weight"], eps, rf[-1])
+        head = make_bitlinear(*trits["lm_head.weight"], tensors["lm_head.norm.weight"], bl_eps,
                               final_norm.out_frac, arith.LOGIT_FRAC)
-        emb_q, emb_scale, emb_shift = quantize_embeddings(tensors["model.embeddings.weight"], rf)
-        return QuantizedModel(cfg=cfg, lanes=lanes, res_frac=rf, emb_shift=emb_shift, emb_q=emb_q,
-                              emb_scale=emb_scale, sig_lut=arith.sigmoid_lut(), layers=layers,
-                              final_norm=final_norm, lm_head=head, name=name, source=source)
+        emb_q, emb_scale, emb_shift = quantize_embeddings(tensors["model.embeddings.weight"], rf[0])
+        return QuantizedModel(cfg=cfg, lanes=lanes, res_fracs=tuple(rf), emb_shift=emb_shift,
+                              emb_q=emb_q, emb_scale=emb_scale, sig_lut=arith.sigmoid_lut(),
+                              layers=layers, final_norm=final_norm, lm_head=head, name=name,
+                              source=source)
 
-    if res_frac is not None:
-        if not 0 <= res_frac <= 14:
-            raise ConversionError(f"res_frac must be in [0, 14], not {res_frac}")
-        return build(res_frac)
-    return build(calibrate_res_frac(cfg, build, calibration_tokens))
+    def formats(name: str, value, count: int, monotone: bool = False):
+        if value is None:
+            return None
+        vals = [value] * count if isinstance(value, (int, np.integer)) else list(value)
+        if len(vals) != count:
+            raise ConversionError(f"{name} needs {count} values, not {len(vals)}")
+        for f in vals:
+            if not 0 <= f <= 14:
+                raise ConversionError(f"{name} must be in [0, 14], not {f}")
+        if monotone and any(b > a for a, b in zip(vals, vals[1:])):
+            raise ConversionError(f"{name} values must not increase along the network: {vals}")
+        return tuple(int(f) for f in vals)
+
+    L = cfg.n_layers
+    given = (formats("res_frac", res_frac, 2 * L + 1, monotone=True),
+             formats("o_frac", o_frac, L), formats("u_frac", u_frac, L))
+    if None not in given:
+        return build(*given)
+    first = _frac_for(float(np.abs(tensors["model.embeddings.weight"]).max()), hi=14)
+    return build(*calibrate_formats(cfg, build, first, given, calibration_tokens))
 
 
 CALIBRATION_TEXT = (
@@ -264,18 +321,29 @@ def calibration_sequence(vocab_size: int, length: int = 256) -> list[int]:
     return np.random.default_rng(12345).integers(0, vocab_size, size=length).tolist()
 
 
-def calibrate_res_frac(cfg: ModelConfig, build, tokens=None, headroom_bits: int = 2) -> int:
-    """Run the golden model with a coarse residual format and keep ``headroom_bits`` of spare
-    range above the largest residual value seen (embeddings included)."""
+def calibrate_formats(cfg: ModelConfig, build, first: int, given, tokens=None,
+                      headroom_bits: int = 2) -> tuple[tuple[int, ...], ...]:
+    """Choose the formats not ``given`` (res, o, u; None where not given): run the golden model
+    with coarse formats and keep ``headroom_bits`` of spare range above the largest value seen
+    at each place (residual stages no finer than the stage before)."""
     from .golden import IntegerModel
 
     tokens = calibration_sequence(cfg.vocab_size) if tokens is None else list(tokens)
-    rf = 6
-    while True:
-        model = IntegerModel(build(rf))
-        peak = model.residual_peak(tokens)
-        if peak < 32767 or rf == 0:
-            break
-        rf = max(rf - 4, 0)                         # saturated: retry with more range
-    peak_real = max(peak, 1) / 2.0 ** rf
-    return _frac_for(peak_real * 2 ** headroom_bits, hi=14)
+    L = cfg.n_layers
+    res_given, o_given, u_given = given
+    coarse = (res_given or (first,) + (min(first, 2),) * (2 * L),
+              o_given or (4,) * L, u_given or (4,) * L)
+    peaks = IntegerModel(build(*coarse)).peaks(tokens)
+
+    def fit(name: str, frac: int) -> int:
+        peak_real = max(peaks[name], 1) / 2.0 ** frac
+        return _frac_for(peak_real * 2 ** headroom_bits, hi=14)
+
+    res = res_given
+    if res is None:
+        res = [first]
+        for k in range(1, 2 * L + 1):
+            res.append(min(res[-1], fit(f"r{k}", coarse[0][k])))
+    o = o_given or tuple(fit(f"o{l}", coarse[1][l]) for l in range(L))
+    u = u_given or tuple(fit(f"u{l}", coarse[2][l]) for l in range(L))
+    return tuple(res), tuple(o), tuple(u)
