@@ -171,8 +171,9 @@ def _check(cond: bool, message: str):
 
 
 def parse_board_model(data: bytes) -> QuantizedModel:
-    _check(len(data) >= _ENVELOPE.size and data[:8] == MAGIC,
-           "not an mmfree board model file (no MMFBOARD magic at the start)")
+    _check(data[:8] == MAGIC, "not an mmfree board model file (no MMFBOARD magic at the start)")
+    _check(len(data) >= _ENVELOPE.size,
+           f"file is truncated: {len(data)} bytes, less than its {_ENVELOPE.size}-byte header")
     _, version, length, crc = _ENVELOPE.unpack_from(data)
     _check(version == FORMAT_VERSION,
            f"board model file format version {version} is not supported (this mmfree reads "
@@ -193,17 +194,30 @@ def parse_board_model(data: bytes) -> QuantizedModel:
     except Exception as exc:            # a valid CRC over a malformed payload: a writer bug
         raise BoardFileError(f"payload is not a valid board model ({type(exc).__name__})") from None
 
-    _check(meta.get("format") == "mmfree-board", "payload is not an mmfree board model")
+    _check(isinstance(meta, dict) and meta.get("format") == "mmfree-board",
+           "payload is not an mmfree board model")
     _check(meta.get("arith_version") == arith.ARITH_VERSION,
            f"file was made for arithmetic version {meta.get('arith_version')}, this mmfree "
            f"implements version {arith.ARITH_VERSION}; convert the checkpoint again")
     try:
-        cfg = ModelConfig.from_dict(dict(meta["config"], model_type="hgrn_bit"))
-        return _build(cfg, meta, tensors)
+        cfg = ModelConfig.from_dict(dict(_field(meta, "config", dict, "header"), model_type="hgrn_bit"))
     except ConfigError as exc:
         raise BoardFileError(str(exc)) from None
-    except (KeyError, TypeError) as exc:
-        raise BoardFileError(f"metadata field {exc} is missing or malformed") from None
+    return _build(cfg, meta, tensors)
+
+
+def _field(meta: dict, key: str, kind: type, where: str):
+    """``meta[key]`` checked to be a JSON value of ``kind`` (dict, list, int or float)."""
+    _check(key in meta, f"{where}: metadata field {key!r} is missing (the file was made by another "
+                        "version of mmfree); convert the checkpoint again")
+    v = meta[key]
+    ok = isinstance(v, kind) and not isinstance(v, bool)
+    if kind is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+    _check(ok, f"{where}: metadata field {key!r} must be a JSON "
+               f"{ {dict: 'object', list: 'array', int: 'integer', float: 'finite number'}[kind] }, "
+               f"not {v!r}")
+    return v
 
 
 def _tensor(tensors, name, dtype, shape):
@@ -215,7 +229,9 @@ def _tensor(tensors, name, dtype, shape):
     return t
 
 
-def _int_in(meta: dict, key: str, lo: int, hi: int, where: str) -> int:
+def _int_in(meta: dict, key, lo: int, hi: int, where: str) -> int:
+    _check(key in meta, f"{where}: metadata field {key!r} is missing (the file was made by another "
+                        "version of mmfree); convert the checkpoint again")
     v = meta[key]
     _check(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
            f"{where}: {key} = {v!r} is outside [{lo}, {hi}]")
@@ -224,16 +240,19 @@ def _int_in(meta: dict, key: str, lo: int, hi: int, where: str) -> int:
 
 def _build(cfg: ModelConfig, meta: dict, tensors: dict) -> QuantizedModel:
     d, I, V = cfg.d, cfg.intermediate_size, cfg.vocab_size
-    lanes = meta["lanes"]
+    lanes = _field(meta, "lanes", int, "header")
     _check(lanes in (8, 16, 32, 64), f"lanes = {lanes!r} is not one of 8, 16, 32, 64")
-    res_fracs = meta["res_fracs"]
+    res_fracs = _field(meta, "res_fracs", list, "header")
     stages = 2 * cfg.n_layers + 1
-    _check(isinstance(res_fracs, list) and len(res_fracs) == stages,
+    _check(len(res_fracs) == stages,
            f"header: res_fracs must list {stages} formats (2L+1), not {res_fracs!r}")
-    for k in range(stages):
-        _int_in(dict(enumerate(res_fracs)), k, 0, 14, "header res_fracs")
+    for k, f in enumerate(res_fracs):
+        _check(isinstance(f, int) and not isinstance(f, bool) and 0 <= f <= 14,
+               f"header: res_fracs[{k}] = {f!r} is outside [0, 14]")
     _check(all(b <= a for a, b in zip(res_fracs, res_fracs[1:])),
            f"header: res_fracs {res_fracs} increase along the network")
+    norms_meta = _field(meta, "norms", dict, "header")
+    bitlinears_meta = _field(meta, "bitlinears", dict, "header")
     emb_shift = _int_in(meta, "emb_shift", 0, 24, "header")
 
     emb_q = _tensor(tensors, "embed.q", np.int8, (V, d))
@@ -245,7 +264,7 @@ def _build(cfg: ModelConfig, meta: dict, tensors: dict) -> QuantizedModel:
            f"tensor sigmoid_lut differs from the table of arithmetic version {arith.ARITH_VERSION}")
 
     def norm(name: str, n: int) -> NormParams:
-        m = meta["norms"][name]
+        m = _field(norms_meta, name, dict, "norms")
         return NormParams(w_q=_tensor(tensors, f"{name}.w", np.int16, (n,)),
                           w_frac=_int_in(m, "w_frac", 0, 15, name),
                           out_frac=_int_in(m, "out_frac", 0, 15, name),
@@ -253,8 +272,9 @@ def _build(cfg: ModelConfig, meta: dict, tensors: dict) -> QuantizedModel:
 
     def bitlinear(name: str, rows: int, n: int, out_frac: int | None) -> BitLinearParams:
         """``out_frac``: the format the network fixes for this output, None where it is free."""
-        m = meta["bitlinears"][name]
-        _check(m["rows"] == rows, f"{name}: rows = {m['rows']!r}, the configuration implies {rows}")
+        m = _field(bitlinears_meta, name, dict, "bitlinears")
+        _check(_field(m, "rows", int, name) == rows,
+               f"{name}: rows = {m['rows']!r}, the configuration implies {rows}")
         packed = _tensor(tensors, f"{name}.trits", np.uint8, (-(-rows // lanes), n, lanes // 4))
         try:
             trits = unpack_trits(packed, rows)
@@ -262,7 +282,7 @@ def _build(cfg: ModelConfig, meta: dict, tensors: dict) -> QuantizedModel:
             raise BoardFileError(f"tensor {name}.trits {exc}") from None
         p = BitLinearParams(g_q=_tensor(tensors, f"{name}.g", np.int16, (n,)),
                             g_frac=_int_in(m, "g_frac", 0, 24, name), trits=trits,
-                            gamma=float(m["gamma"]),
+                            gamma=float(_field(m, "gamma", float, name)),
                             gamma_mant=_int_in(m, "gamma_mant", 1 << 15, (1 << 16) - 1, name),
                             gamma_exp=_int_in(m, "gamma_exp", -64, 96, name),
                             out_frac=_int_in(m, "out_frac", *((0, 15) if out_frac is None else (out_frac, out_frac)), name),
@@ -270,9 +290,9 @@ def _build(cfg: ModelConfig, meta: dict, tensors: dict) -> QuantizedModel:
         _check(p.gamma > 0, f"{name}: gamma must be positive, not {p.gamma}")
         return p
 
-    layer_meta = meta["layers"]
-    _check(isinstance(layer_meta, list) and len(layer_meta) == cfg.n_layers,
-           f"header: layers must list {cfg.n_layers} layer formats, not {layer_meta!r}")
+    layer_meta = _field(meta, "layers", list, "header")
+    _check(len(layer_meta) == cfg.n_layers and all(isinstance(m, dict) for m in layer_meta),
+           f"header: layers must list {cfg.n_layers} objects of layer formats, not {layer_meta!r}")
     layers = []
     for l in range(cfg.n_layers):
         pre = f"layers.{l}."
