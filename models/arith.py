@@ -95,7 +95,7 @@ def norm_stats(x, eps_q: int) -> tuple[int, int]:
     result stands for ``rsqrt(mean(x²) + eps)`` in units of ``2**F``. Returns ``(mant, e)``.
     """
     x = _as_i64(x)
-    ss = int(np.dot(x, x))              # n · 2**30 at most: 42 bits for n <= 4096
+    ss = int(np.dot(x, x))              # n · 2**30 at most: 43 bits for n <= 4096
     return irsqrt(ss // x.size + int(eps_q))
 
 
