@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         # the board model hold the same table (see quantized.snap_embeddings).
         from .quantized import snap_embeddings
         with torch.no_grad():
-            emb = model.embeddings.weight
+            emb = model.model.embeddings.weight
             emb.copy_(torch.from_numpy(snap_embeddings(emb.detach().cpu().numpy())).to(emb.device))
         val_bpb = evaluate_bpb(model, val_data, eval_len, args.eval_batch, device)
         print(f"embeddings snapped to the int8 grid: validation {val_bpb:.4f} bits per byte", flush=True)
