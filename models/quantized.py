@@ -233,7 +233,6 @@ def quantize_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
     eps = cfg.rms_norm_eps              # block norms; BitLinear norms use the kernel's 1e-6
     bl_eps = BITLINEAR_EPS
     ternary = dict(ternary or {})
-    stages = 2 * cfg.n_layers + 1
 
     def tern(name: str):
         if name in ternary:

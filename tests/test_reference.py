@@ -11,8 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from mmfree.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensor_shapes
+from mmfree.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mmfree.models.config import ModelConfig
+from conftest import random_tensors as shared_random_tensors
 from mmfree.models.reference import (FloatModel, bitlinear, lower_bounds, projection_names,
                                      quantize_activations, ternarize, ternary_linear)
 
@@ -117,19 +118,7 @@ class PyModel:
 # --- random checkpoints ---------------------------------------------------------------------
 
 def random_tensors(cfg, seed):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in tensor_shapes(cfg).items():
-        if name.endswith("norm.weight"):
-            a = rng.normal(1.0, 0.4, shape)
-        elif name == "model.lower_bounds":
-            a = rng.normal(0.0, 1.5, shape)
-        elif name == "model.embeddings.weight":
-            a = rng.normal(0.0, 1.0, shape)
-        else:                                        # latent projection weights
-            a = rng.normal(0.0, rng.uniform(0.01, 0.1), shape)
-        out[name] = a.astype(np.float32)
-    return out
+    return shared_random_tensors(cfg, seed, norm_sd=0.4, lb_sd=1.5, weight_sd=None)
 
 
 def make_checkpoint(tmp_path, cfg, seed, dtype="float32", shard_bytes=None, name="ckpt"):

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is installed by `make test`")
 
-from mmfree.models.checkpoint import load_checkpoint, save_checkpoint, tensor_shapes
+from mmfree.models.checkpoint import load_checkpoint, save_checkpoint
 from mmfree.models.config import ModelConfig
 from mmfree.models.corpus import SEPARATOR, VAL_MODULUS, CorpusError, cookies, load_corpus
 from mmfree.models.quantized import snap_embeddings
@@ -18,27 +18,14 @@ from mmfree.models.torch_model import HGRNBitLM
 from mmfree.models.train import main as train_main
 
 
-def random_tensors(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in tensor_shapes(cfg).items():
-        if name.endswith("norm.weight"):
-            out[name] = 1 + 0.3 * rng.standard_normal(shape)
-        elif name in ("model.lower_bounds", "model.embeddings.weight"):
-            out[name] = rng.standard_normal(shape)
-        else:
-            out[name] = 0.05 * rng.standard_normal(shape)
-    return {k: v.astype(np.float32) for k, v in out.items()}
-
-
 @pytest.mark.parametrize("d,L,I,V,lb", [(40, 2, 64, 97, True), (72, 1, 96, 256, False), (24, 3, 48, 50, True)])
 @pytest.mark.parametrize("scan", ["parallel", "sequential"])
-def test_torch_model_matches_numpy_reference(d, L, I, V, lb, scan):
+def test_torch_model_matches_numpy_reference(d, L, I, V, lb, scan, make_tensors):
     """Two independent implementations of MODEL.md: PyTorch (training) and NumPy (reference)."""
     seed = d * 1000 + L
     print("seed", seed)
     cfg = ModelConfig(V, d, L, I, use_lower_bound=lb)
-    tensors = random_tensors(cfg, seed)
+    tensors = make_tensors(cfg, seed)
     tokens = np.random.default_rng(seed).integers(0, V, 24)
     ref = FloatModel(cfg, tensors, dtype=np.float64).forward(tokens)
     model = HGRNBitLM.from_tensors(cfg, tensors, scan=scan).double().eval()
