@@ -5,7 +5,7 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 MODEL   ?= models/shipped/tiny-fortunes/tiny-fortunes.mmf
-PROMPT  ?= The meaning of life is
+PROMPT  ?= Love is
 # the CPU build of torch that lies on disk on the project's machines; only tests and training use it
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
@@ -52,7 +52,7 @@ system-deps:
 setup-test: $(VENV)/.installed-test system-deps
 
 demo: setup
-	$(VENV)/bin/mmfree generate --model $(MODEL) --max-tokens 200 --greedy "$(PROMPT)"
+	$(VENV)/bin/mmfree generate --model $(MODEL) --max-tokens 200 --temperature 0.7 --seed 2 "$(PROMPT)"
 
 test: setup-test
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

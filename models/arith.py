@@ -116,7 +116,7 @@ def rmsnorm(x, w_q, w_frac: int, out_frac: int, eps_q: int) -> np.ndarray:
 def quantize_activations(x, g_q) -> tuple[np.ndarray, int, int]:
     """BitLinear's absmax int8 quantization of ``x ∘ g`` (its own RMSNorm scale cancels).
 
-    ``v = x · g_q`` (exact, |v| < 2**30); ``mv = max|v|``. If ``mv == 0`` all activations are 0
+    ``v = x · g_q`` (exact, |v| <= 2**30); ``mv = max|v|``. If ``mv == 0`` all activations are 0
     and ``(A, 0, 0)`` is returned. Else normalize to 15 bits with ``sh = bitlen(mv) - 15``:
     ``vn = sign(v) · (|v| >> sh)`` (``|v| << -sh`` when ``sh < 0``), ``mvn = max|vn|`` in
     [2**14, 2**15); ``recip = (127 · 2**23) // mvn``; ``A = (vn · recip + 2**22) >> 23``, in
