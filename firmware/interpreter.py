@@ -1,0 +1,282 @@
+"""Instruction-level interpreter of device images, and the sequencer's cost model.
+
+:class:`Interpreter` reads the header and the program from the image bytes alone (no
+:class:`~mmfree.models.quantized.QuantizedModel`), models the scratch memory, the MLGRU state
+memory and the ``next_token`` register, and executes each instruction with the functions of
+:mod:`mmfree.models.arith`, reading parameter vectors and trits from the image as the
+sequencer reads them from weight memory. Its logits equal
+:class:`~mmfree.models.golden.IntegerModel`'s bit for bit (tests/test_firmware.py), which
+proves the instruction set, the image layout and the program generator together.
+
+:class:`CostModel` counts the cycles of each instruction on the v1 sequencer (one instruction
+at a time, units as documented in hdl/); docs/isa.md states the formulas. Costs depend on
+the instruction's operands only, so every token of a model costs the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from mmfree.models import arith
+
+from .image import DeviceImage, ImageError, check_image
+from .isa import (ICEBREAKER, INSN_WORDS, WORD_BYTES, GLU, MLGRU, ArgMax, BitLinear, Embed,
+                  HardwareConfig, Halt, Instruction, Norm, ResAdd, decode_program, row_words,
+                  trit_words, vector_words)
+
+__all__ = ["CostModel", "InstructionCost", "Interpreter", "ExecutionError", "program_cost"]
+
+
+class ExecutionError(RuntimeError):
+    """An instruction that, while running, reads or writes outside what it may (a malformed
+    image; reads of parameters that lie outside the image are found when the image is loaded
+    and raise :class:`~mmfree.firmware.image.ImageError` instead)."""
+
+
+# --------------------------------------------------------------------------- cost model
+
+@dataclass(frozen=True)
+class CostModel:
+    """Cycle counts of the v1 sequencer, which runs one instruction at a time.
+
+    Unit latencies are those the units in hdl/ document (tests/test_firmware.py checks them
+    against the units); the rest are the sequencer's own assumptions:
+
+    ``fetch``: read the instruction's two weight words (registered SPRAM reads) and decode;
+    ``mem``: a registered memory read (the first element of a pass arrives one cycle after its
+    address); ``write``: the last result into scratch. The scratch memory has one read and one
+    write port (an iCE40 EBR), so an element-wise instruction with k input vectors reads for
+    k cycles per element.
+    """
+    lanes: int
+    stats: int                  # NormStats: last element -> (mant, e)
+    rescale: int                # Rescale element latency
+    fetch: int = 4
+    mem: int = 1
+    write: int = 1
+    stats_move: int = 1         # RMSNorm: statistics into the apply parameters
+    apply: int = 8              # NormApply latency
+    quant: int = 49             # Quantizer: last element accepted -> first activation valid
+    core: int = 2               # TernaryCore: last column -> sums valid
+    factor: int = 87            # Rescale: parameter beat -> factor ready (FACTOR_CYCLES_MAX)
+    mlgru_ii: int = 3           # MLGRU: cycles per element (also its 3 scratch reads)
+    mlgru: int = 25             # MLGRU latency
+    glu: int = 10               # GLU latency
+    elem: int = 3               # EMBED / RESADD element pipelines: multiply or add, round, saturate
+
+    @classmethod
+    def for_hw(cls, hw: HardwareConfig) -> "CostModel":
+        """The units sized for ``hw``: one NormStats for vectors up to ``max_cols``
+        (``ss_width = bitlen(max_cols · 2**30)``, latency ``ss_width + 59``) and accumulators of
+        ``bitlen(127 · max_cols) + 1`` bits (Rescale latency 7 up to 17 bits, else 8)."""
+        ss_width = (hw.max_cols << 30).bit_length()
+        acc_width = (127 * hw.max_cols).bit_length() + 1
+        return cls(lanes=hw.lanes, stats=ss_width + 59, rescale=7 if acc_width <= 17 else 8)
+
+    def cost(self, insn: Instruction) -> tuple[int, int]:
+        """``(cycles, core_busy)`` of one instruction: cycles from its fetch to the fetch of the
+        next one, and the cycles in which the ternary core takes a column."""
+        f, m, w = self.fetch, self.mem, self.write
+        if isinstance(insn, Halt):
+            return f, 0
+        if isinstance(insn, Embed):
+            return f + m + m + insn.n + self.elem + w, 0        # row scale, then the row
+        if isinstance(insn, Norm):
+            n = insn.n
+            return f + (m + n) + self.stats + self.stats_move + (m + n) + self.apply + w, 0
+        if isinstance(insn, BitLinear):
+            c, r, lanes = insn.cols, insn.rows, self.lanes
+            groups = -(-r // lanes)
+            t_act = m + c + self.quant + c                      # x -> stats and quantizer; A buffer full
+            t_first = max(t_act + m + c + self.core,            # row group 0 accumulated
+                          m + c + self.stats + self.factor)     # rescale factor ready
+            t_last = t_first + (groups - 1) * max(c, lanes)     # group k drains while k+1 accumulates
+            last_rows = r - (groups - 1) * lanes
+            return f + t_last + last_rows + self.rescale + w, groups * c
+        if isinstance(insn, MLGRU):
+            return f + m + self.mlgru_ii * insn.n + self.mlgru + w, 0
+        if isinstance(insn, GLU):
+            return f + m + 2 * insn.n + self.glu + w, 0
+        if isinstance(insn, ResAdd):
+            return f + m + 2 * insn.n + self.elem + w, 0
+        if isinstance(insn, ArgMax):
+            return f + m + insn.n + 1, 0
+        raise TypeError(f"no cost for {insn!r}")
+
+
+class InstructionCost(NamedTuple):
+    pc: int
+    op: str
+    comment: str
+    cycles: int
+    core_busy: int
+
+
+def program_cost(program, hw: HardwareConfig = ICEBREAKER) -> list[InstructionCost]:
+    """The cost of each instruction of one token (up to the first HALT)."""
+    model = CostModel.for_hw(hw)
+    out = []
+    for pc, insn in enumerate(program):
+        cycles, busy = model.cost(insn)
+        out.append(InstructionCost(pc, insn.op.name, insn.comment, cycles, busy))
+        if isinstance(insn, Halt):
+            break
+    return out
+
+
+# --------------------------------------------------------------------------- interpreter
+
+class Interpreter:
+    """Runs a device image one token at a time.
+
+    ``Interpreter(image, hw)``: ``image`` is the bytes a host loads (a
+    :class:`~mmfree.firmware.image.DeviceImage` is taken as its ``data``); its header is
+    checked against ``hw`` as the device checks it (:func:`~mmfree.firmware.image.check_image`,
+    raising :class:`~mmfree.firmware.image.ImageError`).
+
+    ``step(token)`` runs the program and returns ``(logits, next_token)``: int16 logits [V]
+    (the scratch vector at the header's ``logits_addr``) and the ARGMAX register.
+    ``reset_state()`` zeroes every layer's state. After each step, ``last_cycles`` and
+    ``last_core_busy`` hold the token's counters (:class:`CostModel`) and ``profile`` the
+    cost of each instruction. ``scratch`` (int16) and ``state`` (int16 [max_layers, max_d])
+    are the modelled memories.
+    """
+
+    def __init__(self, image, hw: HardwareConfig = ICEBREAKER):
+        data = bytes(image.data if isinstance(image, DeviceImage) else image)
+        self.hw = hw
+        self.header = check_image(data, hw)
+        self._mem = np.frombuffer(data, dtype=np.uint8)
+        start = self.header.program_addr * WORD_BYTES
+        end = start + self.header.program_length * INSN_WORDS * WORD_BYTES
+        try:
+            self.program = tuple(decode_program(data[start:end], hw))
+        except ValueError as exc:
+            raise ImageError(f"the image's program does not decode: {exc}") from None
+        halts = [pc for pc, insn in enumerate(self.program) if isinstance(insn, Halt)]
+        if not halts:
+            raise ImageError("the image's program has no HALT")
+        self.program = self.program[:halts[0] + 1]
+        self.lut = arith.sigmoid_lut()          # the gateware's ROM of this arithmetic version
+        try:
+            self._operands = [self._load_operands(pc, insn) for pc, insn in enumerate(self.program)]
+        except ExecutionError as exc:
+            raise ImageError(f"the image's program {exc}") from None
+        self.profile = program_cost(self.program, hw)
+        self.scratch = np.zeros(hw.scratch_words, dtype=np.int16)
+        self.state = np.zeros((hw.max_layers, hw.max_d), dtype=np.int16)
+        self.next_token = 0
+        self.token = None
+        self.last_cycles = 0
+        self.last_core_busy = 0
+
+    # ------------------------------------------------------------------ weight memory
+
+    def _bytes(self, pc: int, what: str, byte: int, n: int) -> np.ndarray:
+        if byte + n > self._mem.size:
+            raise ExecutionError(f"instruction {pc} ({self.program[pc].op.name}) reads {what} bytes "
+                                 f"[{byte}, {byte + n}) past the image's {self._mem.size:,} bytes")
+        return self._mem[byte:byte + n]
+
+    def _vector(self, pc: int, what: str, word: int, n: int, dtype: str) -> np.ndarray:
+        """An int16/uint16 vector of ``n`` elements from word ``word`` (4 per word)."""
+        raw = self._bytes(pc, what, word * WORD_BYTES, vector_words(n) * WORD_BYTES)
+        return raw.view(dtype)[:n].astype(np.int64)
+
+    def _trits(self, pc: int, insn: BitLinear) -> np.ndarray:
+        """T [rows, cols] as the ternary core reads it: row group k, column j is the word at
+        bytes ``(k·cols + j)·lanes/4`` from ``trit_addr``; lane l is bits 2l+1..2l (00 = 0,
+        01 = +1, 11 = -1; the core reads 10 as 0)."""
+        lanes, cols = self.hw.lanes, insn.cols
+        groups = -(-insn.rows // lanes)
+        raw = self._bytes(pc, "trit", insn.trit_addr * WORD_BYTES,
+                          trit_words(insn.rows, cols, lanes) * WORD_BYTES)
+        raw = raw[:groups * cols * lanes // 4].reshape(groups, cols, lanes // 4)
+        codes = np.stack([(raw >> (2 * k)) & 0b11 for k in range(4)], axis=-1)   # [g, cols, lanes/4, 4]
+        codes = codes.reshape(groups, cols, lanes).transpose(0, 2, 1).reshape(groups * lanes, cols)
+        trits = np.where(codes == 0b01, 1, np.where(codes == 0b11, -1, 0))
+        return trits[:insn.rows].astype(np.int64)
+
+    def _load_operands(self, pc: int, insn: Instruction):
+        """What an instruction reads from weight memory, read once (the memory is read-only)."""
+        if isinstance(insn, Norm):
+            return self._vector(pc, "w", insn.w_addr, insn.n, "<i2")
+        if isinstance(insn, BitLinear):
+            return self._vector(pc, "g", insn.g_addr, insn.cols, "<i2"), self._trits(pc, insn)
+        if isinstance(insn, MLGRU) and insn.has_lb:
+            return self._vector(pc, "lower bound", insn.lb_addr, insn.n, "<u2")
+        return None
+
+    # ------------------------------------------------------------------ scratch memory
+
+    def _read(self, start: int, n: int) -> np.ndarray:
+        return self.scratch[start:start + n].astype(np.int64)
+
+    def _write(self, pc: int, start: int, values) -> None:
+        values = np.asarray(values)
+        if values.size and (values.min() < -32768 or values.max() > 32767):
+            raise ExecutionError(f"instruction {pc} ({self.program[pc].op.name}) writes a value "
+                                 "outside int16")
+        self.scratch[start:start + values.size] = values
+
+    # ------------------------------------------------------------------ execution
+
+    def reset_state(self) -> None:
+        """Zero the recurrent state of every layer (RESET_STATE)."""
+        self.state[:] = 0
+
+    def step(self, token: int) -> tuple[np.ndarray, int]:
+        """Run the program for ``token``: ``(int16 logits [V], next_token)``."""
+        V = self.header.vocab
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < V:
+            raise ValueError(f"token id {token!r} is outside the vocabulary [0, {V})")
+        self.token = int(token)
+        for pc, insn in enumerate(self.program):
+            self._execute(pc, insn)
+        self.last_cycles = sum(c.cycles for c in self.profile)
+        self.last_core_busy = sum(c.core_busy for c in self.profile)
+        logits = self.scratch[self.header.logits_addr:self.header.logits_addr + V].copy()
+        return logits, self.next_token
+
+    def _execute(self, pc: int, insn: Instruction) -> None:
+        ops = self._operands[pc]
+        lut = self.lut
+        if isinstance(insn, Embed):
+            stride = row_words(insn.n) * WORD_BYTES
+            row = self._bytes(pc, "embedding", insn.table_addr * WORD_BYTES + self.token * stride, insn.n)
+            scale = self._bytes(pc, "row scale", insn.scale_addr * WORD_BYTES + 2 * self.token, 2)
+            self._write(pc, insn.dst, arith.embed(row.view(np.int8), int(scale.view("<u2")[0]), insn.emb_shift))
+        elif isinstance(insn, Norm):
+            # rmsnorm depends on w_frac - out_frac only: frac_diff is that difference
+            self._write(pc, insn.dst, arith.rmsnorm(self._read(insn.src, insn.n), ops, insn.frac_diff,
+                                                    0, insn.eps_q))
+        elif isinstance(insn, BitLinear):
+            g, trits = ops
+            x = self._read(insn.src, insn.cols)
+            mant, e = arith.norm_stats(x, insn.eps_q)
+            a, mvn, sh = arith.quantize_activations(x, g)
+            acc = arith.ternary_accumulate(trits, a)
+            s, z = arith.rescale_factor(mvn, sh, mant, e, insn.gamma_mant, insn.scale_exp)
+            self._write(pc, insn.dst, arith.rescale(acc, s, z))
+        elif isinstance(insn, MLGRU):
+            n = insn.n
+            f = arith.forget_gate(self._read(insn.f_src, n), ops if insn.has_lb else None, lut)
+            h = arith.mlgru_update(self.state[insn.layer, :n].astype(np.int64), self._read(insn.i_src, n), f, lut)
+            self.state[insn.layer, :n] = h
+            self._write(pc, insn.dst, arith.output_gate(self._read(insn.gn_src, n), insn.g_frac, h,
+                                                        insn.o_frac, lut))
+        elif isinstance(insn, GLU):
+            self._write(pc, insn.dst, arith.glu(self._read(insn.gate_src, insn.n),
+                                                self._read(insn.up_src, insn.n), insn.u_frac, lut))
+        elif isinstance(insn, ResAdd):
+            self._write(pc, insn.dst, arith.residual_add(self._read(insn.dst, insn.n),
+                                                         self._read(insn.src, insn.n), insn.shift))
+        elif isinstance(insn, ArgMax):
+            self.next_token = arith.argmax(self._read(insn.src, insn.n))
+        elif isinstance(insn, Halt):
+            pass
+        else:
+            raise ExecutionError(f"instruction {pc}: no semantics for {insn!r}")
