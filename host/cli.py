@@ -135,6 +135,50 @@ def cmd_eval(args) -> int:
     return 0 if report.passed or not args.strict else 3
 
 
+def cmd_run(args) -> int:
+    import time
+
+    from mmfree.host.board import Board
+    from mmfree.host.link import LinkError
+    from mmfree.models.boardfile import read_board_model
+    from mmfree.models.sampling import ByteDecoder, Sampler, encode_prompt
+
+    if not args.timeout > 0:
+        raise CliError(f"--timeout must be positive, not {args.timeout:g}")
+    qm = read_board_model(args.model)
+    prompt = encode_prompt(args.prompt, qm.cfg.vocab_size)
+    sampler = Sampler(args.temperature, args.seed)
+    out = sys.stdout
+    try:
+        with Board(args.port, baud=args.baud, timeout=args.timeout) as board:
+            info = board.info()
+            board.load(qm)
+            board.reset_counters()
+            decode = ByteDecoder()
+            out.write(args.prompt)
+            out.flush()
+            t0, generated = time.perf_counter(), 0
+            for token in board.generate(prompt, args.max_tokens, sampler):
+                generated += 1
+                out.write(decode(token))
+                out.flush()
+            out.write(decode.flush() + "\n")
+            out.flush()
+            elapsed = time.perf_counter() - t0
+            totals = board.totals
+    except LinkError as exc:
+        raise CliError(str(exc)) from None
+    line = (f"{len(prompt)} prompt + {generated} generated tokens in {elapsed:.2f} s: "
+            f"{totals.tokens_per_second:.1f} tokens/s over the link")
+    if totals.cycles:
+        line += (f"; device: {totals.cycles_per_token:,.0f} cycles/token (ternary core busy "
+                 f"{100 * totals.core_utilization:.0f}%), "
+                 f"{totals.projected_tokens_per_second(info.clock_hz):,.1f} tokens/s at "
+                 f"{info.clock_hz / 1e6:g} MHz")
+    print(line, file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="bytes per window (default 256)")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a target is missed")
     p.set_defaults(func=cmd_eval)
+
+    from mmfree.host.link import DEFAULT_TIMEOUT
+    from mmfree.protocol import DEFAULT_BAUD
+    p = sub.add_parser("run", help="generate text on a board over its serial link",
+                       description="Load a board model file into an mmfree accelerator (a board, the "
+                                   "simulated board or the reference model) over its serial link, "
+                                   "generate text from a prompt on it as it streams, then print one "
+                                   "line on stderr: tokens/s over the link and the device's cycles "
+                                   "per token.")
+    p.add_argument("--port", required=True, metavar="URL",
+                   help="serial port or pyserial URL: /dev/ttyUSB1, socket://127.0.0.1:5555, ...")
+    p.add_argument("--model", required=True, metavar="FILE", help="board model file")
+    p.add_argument("--baud", type=int, default=DEFAULT_BAUD, metavar="B",
+                   help=f"the baud rate the bitstream was built for (default {DEFAULT_BAUD})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds to wait for each reply of the board (default {DEFAULT_TIMEOUT:g})")
+    _add_sampling(p)
+    p.add_argument("prompt", help="text to start from")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -25,7 +25,7 @@ __all__ = [
     "LOAD_CHUNK", "OP_INFO", "OP_LOAD", "OP_LOAD_DONE", "OP_RESET_STATE", "OP_TOKEN",
     "OP_LOGITS", "OP_ERROR", "REPLY", "ERRORS", "Error", "crc16", "encode_frame", "Frame", "FrameDecoder",
     "Info", "TokenResult", "INFO_FORMAT", "TOKEN_REPLY_FORMAT", "LOAD_HEADER_FORMAT",
-    "LOAD_REPLY_FORMAT", "LOAD_DONE_FORMAT",
+    "LOAD_REPLY_FORMAT", "LOAD_DONE_FORMAT", "TOKEN_REQUEST_FORMAT", "ERROR_FORMAT", "INFO_MAGIC",
 ]
 
 PROTOCOL_VERSION = 1
@@ -74,8 +74,10 @@ LOAD_HEADER_FORMAT = "<I"           # address, then the data bytes
 LOAD_REPLY_FORMAT = "<IHH"          # address, length, crc16 of what was stored
 LOAD_DONE_FORMAT = "<II"            # image length, crc32 (zlib) of the image
 TOKEN_REQUEST_FORMAT = "<H"
+ERROR_FORMAT = "<BB"                # error code, offending opcode
 TOKEN_REPLY_FORMAT = "<HII"         # next token, cycles for this token, core busy cycles
 INFO_FORMAT = "<4sBBIIIIHHHHI"      # see Info
+INFO_MAGIC = b"MMFA"                # Info.magic of every mmfree accelerator
 
 
 @dataclass(frozen=True)
