@@ -63,7 +63,7 @@ class CostModel:
     core: int = 2               # TernaryCore: last column -> sums valid
     factor: int = 87            # Rescale: parameter beat -> factor ready (FACTOR_CYCLES_MAX)
     mlgru_ii: int = 3           # MLGRU: cycles per element (also its 3 scratch reads)
-    mlgru: int = 25             # MLGRU latency
+    mlgru: int = 26             # MLGRU latency
     glu: int = 10               # GLU latency
     elem: int = 3               # EMBED / RESADD element pipelines: multiply or add, round, saturate
 

@@ -493,7 +493,7 @@ def test_cost_formulas():
     assert cm.cost(short) == (4 + (1 + 16 + 98 + 87) + 1 * 32 + 8 + 7 + 1, 2 * 16)
     assert cm.cost(Norm(dst=0, src=0, n=128, w_addr=0, frac_diff=0, eps_q=1)) == (4 + 129 + 98 + 1 + 129 + 8 + 1, 0)
     assert cm.cost(MLGRU(dst=0, i_src=0, f_src=0, gn_src=0, n=128, layer=0, has_lb=0, lb_addr=0,
-                         g_frac=0, o_frac=0)) == (4 + 1 + 384 + 25 + 1, 0)
+                         g_frac=0, o_frac=0)) == (4 + 1 + 384 + 26 + 1, 0)
 
 
 def test_docs_state_the_current_layout_and_cycles(shipped_image):
