@@ -42,8 +42,10 @@ def run_cocotb(component, name: str, test_module: str, build_dir: str | Path, *,
     source = build_dir / f"{name}.v"
     source.write_text(verilog_for(component, name))
     runner = get_runner("icarus")
+    # -g2005 after cocotb's -g2012: under 2012 semantics Icarus never evaluates a yosys
+    # `always @*` block whose inputs keep their initial values, leaving its outputs X.
     runner.build(sources=[source], hdl_toplevel=name, build_dir=build_dir, always=True,
-                 timescale=("1ns", "1ps"))
+                 timescale=("1ns", "1ps"), build_args=["-g2005"])
     env = {"MMFREE_TB_PARAMS": json.dumps(params or {})}
     pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(Path.cwd())) if p)
     env["PYTHONPATH"] = pythonpath

@@ -13,9 +13,19 @@ import random
 import cocotb
 from amaranth.hdl import Shape
 from amaranth.lib import data
+from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge
 
-__all__ = ["pack", "unpack", "StreamSource", "StreamSink"]
+
+async def start_and_reset(dut, period_ns: float = 10, cycles: int = 2) -> None:
+    """Start ``dut.clk`` and hold ``dut.rst`` for ``cycles`` rising edges."""
+    cocotb.start_soon(Clock(dut.clk, period_ns, unit="ns").start())
+    dut.rst.value = 1
+    for _ in range(cycles):
+        await RisingEdge(dut.clk)
+    dut.rst.value = 0
+
+__all__ = ["pack", "unpack", "StreamSource", "StreamSink", "start_and_reset"]
 
 
 def pack(shape, value) -> int:
@@ -69,9 +79,11 @@ class StreamSource:
         self.valid.value = 0
         self.sent = 0
 
-    async def send(self, values) -> None:
+    async def send(self, values, on_accept=None) -> None:
         """Send every value; returns once the last one was accepted. Handshakes are sampled at
-        the rising edge, so a transfer is a cycle with valid and ready both high."""
+        the rising edge, so a transfer is a cycle with valid and ready both high.
+        ``on_accept(value)``, if given, runs at the edge of each transfer (to sample other
+        ports of the design at that moment)."""
         for value in values:
             while self.idle and self.rng.random() < self.idle:
                 self.valid.value = 0
@@ -82,6 +94,8 @@ class StreamSource:
                 await RisingEdge(self.clk)
                 if int(self.ready.value):
                     break
+            if on_accept is not None:
+                on_accept(value)
             self.sent += 1
         self.valid.value = 0
 
@@ -89,7 +103,11 @@ class StreamSource:
 class StreamSink:
     """Drives ``<prefix>__ready`` (randomly low with probability ``stall``) and collects payloads."""
 
-    def __init__(self, dut, prefix: str, shape, clk, *, stall: float = 0.0, rng: random.Random | None = None):
+    def __init__(self, dut, prefix: str, shape, clk, *, stall: float = 0.0, rng: random.Random | None = None,
+                 record=None):
+        """``record(payload)``, if given, makes the item stored for each transfer (it runs at the
+        transfer's edge, so it may also sample other ports of the design)."""
+        self.record = record
         self.payload = getattr(dut, f"{prefix}__payload")
         self.valid = getattr(dut, f"{prefix}__valid")
         self.ready = getattr(dut, f"{prefix}__ready")
@@ -108,7 +126,8 @@ class StreamSink:
             self.ready.value = int(ready)
             await RisingEdge(self.clk)
             if ready and int(self.valid.value):
-                self.items.append(unpack(self.shape, int(self.payload.value)))
+                item = unpack(self.shape, int(self.payload.value))
+                self.items.append(item if self.record is None else self.record(item))
 
     async def wait_for(self, count: int, timeout_cycles: int = 1_000_000) -> list:
         for _ in range(timeout_cycles):

@@ -12,13 +12,12 @@ import random
 import cocotb
 import numpy as np
 from amaranth import signed
-from cocotb.clock import Clock
-from cocotb.triggers import RisingEdge, Timer
+from cocotb.triggers import RisingEdge
 
 from mmfree.hdl.quantizer import SH_BITS, ActivationBeat, QuantizerBeat
 from mmfree.models import arith
 from mmfree.sim.cocotb_runner import tb_params
-from mmfree.sim.cocotb_streams import StreamSink, StreamSource, unpack
+from mmfree.sim.cocotb_streams import StreamSink, StreamSource, start_and_reset, unpack
 
 __all__ = ["quantizer_cases", "expected_beats", "input_beats"]
 
@@ -96,37 +95,11 @@ def input_beats(cases) -> list[dict]:
 
 # ------------------------------------------------------------------------------- cocotb tests
 
-class _ScaleSink(StreamSink):
+def _scale_sink(dut, **kwargs) -> StreamSink:
     """A StreamSink that also records the held ``mvn``/``sh`` ports at every transfer."""
-
-    def __init__(self, dut, *args, **kwargs):
-        super().__init__(dut, "o_stream", ActivationBeat(), dut.clk, *args, **kwargs)
-        self.dut = dut
-
-    async def _run(self) -> None:
-        while True:
-            ready = not (self.stall and self.rng.random() < self.stall)
-            self.ready.value = int(ready)
-            await RisingEdge(self.clk)
-            if ready and int(self.valid.value):
-                beat = unpack(self.shape, int(self.payload.value))
-                self.items.append((beat["a"], beat["last"], int(self.dut.mvn.value),
-                                   unpack(signed(SH_BITS), int(self.dut.sh.value))))
-
-
-async def kick_combinational(dut) -> None:
-    """Make Icarus evaluate every ``always @*`` block once at the start.
-
-    yosys's Verilog starts each combinational block with ``if (<trigger>) begin end`` and
-    declares ``reg <trigger> = 0``, relying on that initialization to wake the blocks at time 0.
-    Under ``iverilog -g2012`` (cocotb's default) a declaration initializer is no event, so a
-    block whose inputs never change (an FSM output that depends on the state only, with the
-    state at its reset value) stays X. Toggling the trigger once evaluates them all.
-    """
-    for handle in dut:
-        if "dump_module" in handle._name:
-            handle.value = 1
-    await Timer(1, unit="ns")
+    return StreamSink(dut, "o_stream", ActivationBeat(), dut.clk, **kwargs,
+                      record=lambda beat: (beat["a"], beat["last"], int(dut.mvn.value),
+                                           unpack(signed(SH_BITS), int(dut.sh.value))))
 
 
 async def _run_cases(dut, idle: float, stall: float, seed_offset: int) -> None:
@@ -134,17 +107,12 @@ async def _run_cases(dut, idle: float, stall: float, seed_offset: int) -> None:
     seed = params["seed"] + seed_offset
     dut._log.info(f"seed {seed} idle {idle} stall {stall}")
     rng = random.Random(seed)
-    cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
-    await kick_combinational(dut)
-    dut.rst.value = 1
-    await RisingEdge(dut.clk)
-    await RisingEdge(dut.clk)
-    dut.rst.value = 0
+    await start_and_reset(dut)
     cases = quantizer_cases(rng, params["max_n"], params["n_random"])
     want = expected_beats(cases)
     src = StreamSource(dut, "i_stream", QuantizerBeat(), dut.clk, idle=idle,
                        rng=random.Random(seed + 1))
-    snk = _ScaleSink(dut, stall=stall, rng=random.Random(seed + 2))
+    snk = _scale_sink(dut, stall=stall, rng=random.Random(seed + 2))
     snk.start()
     await src.send(input_beats(cases))
     got = await snk.wait_for(len(want), timeout_cycles=20 * len(want) + 200 * len(cases))

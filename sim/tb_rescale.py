@@ -13,7 +13,6 @@ import random
 
 import cocotb
 import numpy as np
-from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge
 
 from mmfree.hdl.quantizer import SH_BITS
@@ -22,8 +21,7 @@ from mmfree.hdl.rescale import (E_BITS, MANT_BITS, SCALE_EXP_BITS, Z_SHAPE, AccB
 from mmfree.models import arith
 from mmfree.models.arith import QUANT_BITS
 from mmfree.sim.cocotb_runner import tb_params
-from mmfree.sim.cocotb_streams import StreamSink, StreamSource, pack, unpack
-from mmfree.sim.tb_quantizer import kick_combinational
+from mmfree.sim.cocotb_streams import StreamSink, StreamSource, start_and_reset, unpack
 
 __all__ = ["rescale_cases", "expected_outputs", "param_beats", "acc_beats"]
 
@@ -128,56 +126,30 @@ def acc_beats(cases):
 
 # ------------------------------------------------------------------------------- cocotb tests
 
-class _WatchedSource(StreamSource):
-    """A StreamSource that records the ``s``/``z`` ports at every accepted element."""
-
-    def __init__(self, dut, **kwargs):
-        super().__init__(dut, "i_stream", AccBeat(tb_params()["acc_width"]), dut.clk, **kwargs)
-        self.dut = dut
-        self.factors = []
-
-    async def send(self, values) -> None:
-        for value in values:
-            while self.idle and self.rng.random() < self.idle:
-                self.valid.value = 0
-                await RisingEdge(self.clk)
-            self.payload.value = pack(self.shape, value)
-            self.valid.value = 1
-            while True:
-                await RisingEdge(self.clk)
-                if int(self.ready.value):
-                    break
-            self.factors.append((int(self.dut.s.value), unpack(Z_SHAPE, int(self.dut.z.value))))
-            self.sent += 1
-        self.valid.value = 0
-
-
 async def _run_cases(dut, idle: float, stall: float, seed_offset: int) -> None:
     params = tb_params()
     seed = params["seed"] + seed_offset
     dut._log.info(f"seed {seed} idle {idle} stall {stall}")
     rng = random.Random(seed)
-    cocotb.start_soon(Clock(dut.clk, 10, unit="ns").start())
-    await kick_combinational(dut)
-    dut.rst.value = 1
-    await RisingEdge(dut.clk)
-    await RisingEdge(dut.clk)
-    dut.rst.value = 0
+    await start_and_reset(dut)
     cases = rescale_cases(rng, params["acc_width"], params["n_random"])
     want, want_factors = expected_outputs(cases)
     par = StreamSource(dut, "i_params", RescaleParams(), dut.clk, idle=idle,
                        rng=random.Random(seed + 1))
-    src = _WatchedSource(dut, idle=idle, rng=random.Random(seed + 2))
+    src = StreamSource(dut, "i_stream", AccBeat(params["acc_width"]), dut.clk, idle=idle,
+                       rng=random.Random(seed + 2))
+    factors = []                # the s/z ports at every accepted element
     snk = StreamSink(dut, "o_stream", RescaleBeat(), dut.clk, stall=stall,
                      rng=random.Random(seed + 3))
     snk.start()
     cocotb.start_soon(par.send(param_beats(cases)))
-    await src.send(acc_beats(cases))
+    await src.send(acc_beats(cases), on_accept=lambda _: factors.append(
+        (int(dut.s.value), unpack(Z_SHAPE, int(dut.z.value)))))
     items = await snk.wait_for(len(want), timeout_cycles=200 * len(cases) + 20 * len(want))
     got = [(item["y"], item["last"]) for item in items]
     for k, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"element {k}: got (y, last) = {g}, want {w}"
-    for k, (g, w) in enumerate(zip(src.factors, want_factors)):
+    for k, (g, w) in enumerate(zip(factors, want_factors)):
         assert g == w, f"element {k}: (s, z) ports {g}, rescale_factor gives {w}"
     for _ in range(100):                       # nothing extra comes out
         await RisingEdge(dut.clk)
