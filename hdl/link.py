@@ -548,7 +548,9 @@ class LinkLayer(wiring.Component):
 
             with m.State("DISPATCH"):                       # the TX FSM is idle here
                 with m.If(err_code != 0):
-                    with m.If(opcode == P.OP_LOAD_DONE):    # a failed LOAD_DONE
+                    # a refused LOAD_DONE unloads the model; a damaged body that merely
+                    # starts with its opcode (garbage, a cut frame) is no LOAD_DONE
+                    with m.If((opcode == P.OP_LOAD_DONE) & crc_ok & ~overflow):
                         m.d.sync += self.model_ok.eq(0)
                     error()
                 with m.Elif(opcode == P.OP_INFO):

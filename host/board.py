@@ -31,7 +31,8 @@ import numpy as np
 from mmfree.firmware import isa
 from mmfree.firmware.image import ModelDoesNotFit, build_image, check_fits
 from mmfree.firmware.isa import HardwareConfig
-from mmfree.host.link import DEFAULT_TIMEOUT, Link, LinkError
+from mmfree.host.link import (DEFAULT_TIMEOUT, BoardNotResponding, GarbledReplies, ImageCrcError,
+                              Link, LinkError)
 from mmfree.models import arith
 from mmfree.models.quantized import QuantizedModel
 from mmfree.models.sampling import Sampler, generate_tokens
@@ -40,8 +41,10 @@ from mmfree.protocol import (DEFAULT_BAUD, INFO_FORMAT, INFO_MAGIC, LOAD_CHUNK, 
                              OP_LOGITS, OP_RESET_STATE, OP_TOKEN, PROTOCOL_VERSION,
                              TOKEN_REPLY_FORMAT, TOKEN_REQUEST_FORMAT, Info, TokenResult, crc16)
 
-__all__ = ["Board", "Counters", "BitstreamMismatch", "MalformedReply", "ModelDoesNotFit",
-           "HardwareConfig", "hardware_from_info", "build_image", "check_fits"]
+__all__ = ["Board", "Counters", "BitstreamMismatch", "MalformedReply", "LoadFailed", "ModelDoesNotFit",
+           "HardwareConfig", "hardware_from_info", "build_image", "check_fits", "LOAD_ATTEMPTS"]
+
+LOAD_ATTEMPTS = 3               # uploads of one image (from address 0) before Board.load gives up
 
 
 class BitstreamMismatch(ValueError):
@@ -51,6 +54,10 @@ class BitstreamMismatch(ValueError):
 
 class MalformedReply(LinkError):
     """A reply frame with a valid CRC but the wrong payload length for its opcode."""
+
+
+class LoadFailed(LinkError):
+    """The board did not take the model image in LOAD_ATTEMPTS uploads."""
 
 
 def hardware_from_info(info: Info) -> HardwareConfig:
@@ -110,8 +117,8 @@ class Board:
 
     Attributes: ``model`` (the QuantizedModel this object loaded, or None), ``last`` (the
     TokenResult of the last TOKEN), ``totals`` (:class:`Counters` since opening or
-    :meth:`reset_counters`), ``chunk_resends`` (LOAD chunks sent again because the reply
-    reported other bytes than were sent).
+    :meth:`reset_counters`), ``load_restarts`` (uploads started again from address 0 since
+    opening, see :meth:`load`).
     """
 
     def __init__(self, url: str, baud: int = DEFAULT_BAUD, timeout: float = DEFAULT_TIMEOUT, *,
@@ -121,7 +128,7 @@ class Board:
         self.model: QuantizedModel | None = None
         self.last: TokenResult | None = None
         self.totals = Counters()
-        self.chunk_resends = 0
+        self.load_restarts = 0
         self._info: Info | None = None
         try:
             self.link.sync()
@@ -168,9 +175,17 @@ class Board:
         Before sending anything: checks the bitstream's arithmetic version and lanes against the
         model, ``check_fits`` for the bitstream's hardware configuration, and the image size
         against the board's memory. Then LOAD frames of ``LOAD_CHUNK`` bytes in ascending
-        addresses (a tqdm bar on a terminal when ``progress``), each reply's address, length and
-        CRC-16 compared with what was sent (a chunk is sent again on mismatch), and LOAD_DONE
-        with the CRC-32 of the whole image.
+        addresses from 0 (a tqdm bar on a terminal when ``progress``), each reply's address,
+        length and CRC-16 compared with what was sent, and LOAD_DONE with the length and CRC-32
+        of the whole image.
+
+        The board's image check covers the data of every LOAD it accepted since the last LOAD
+        to address 0, in arrival order, so a chunk must be accepted exactly once. Only chunks
+        the board refused (BAD_CRC) are sent again, by the Link. The upload starts again from
+        address 0 (``load_restarts`` counts it; the progress bar starts over) when a LOAD reply
+        reports other bytes than were sent, arrives corrupted or does not come (the chunk may
+        have been accepted), or LOAD_DONE answers IMAGE_CRC. After :data:`LOAD_ATTEMPTS`
+        uploads it raises :class:`LoadFailed`. Any other error answer is raised as it is.
         """
         if not isinstance(model, QuantizedModel):
             from mmfree.models.boardfile import read_board_model
@@ -194,24 +209,43 @@ class Board:
         from tqdm import tqdm
         with tqdm(total=len(image), desc="load", unit="B", unit_scale=True, unit_divisor=1024,
                   leave=False, disable=None if progress else True) as bar:
-            for address in range(0, len(image), LOAD_CHUNK):
-                chunk = image[address:address + LOAD_CHUNK]
-                self._load_chunk(address, chunk)
-                bar.update(len(chunk))
-        self._expect(OP_LOAD_DONE, self.link.request(
-            OP_LOAD_DONE, struct.pack(LOAD_DONE_FORMAT, len(image), zlib.crc32(image))), 0)
+            for attempt in range(1, LOAD_ATTEMPTS + 1):
+                if attempt > 1:
+                    self.load_restarts += 1
+                    self.link.sync()            # drop a late reply of the failed upload
+                    bar.reset()
+                    bar.set_description(f"load (attempt {attempt}/{LOAD_ATTEMPTS})")
+                failure = self._upload(image, bar)
+                if failure is None:
+                    break
+            else:
+                raise LoadFailed(f"the board at {self.url} did not take the model image in "
+                                 f"{LOAD_ATTEMPTS} attempts (the last time {failure}); its memory "
+                                 "or link is faulty")
         self.model = model
 
-    def _load_chunk(self, address: int, chunk: bytes):
-        sent = (address, len(chunk), crc16(chunk))
-        for _ in range(self.link.retries + 1):
-            reply = self.link.request(OP_LOAD, struct.pack(LOAD_HEADER_FORMAT, address) + chunk)
+    def _upload(self, image: bytes, bar) -> str | None:
+        """One upload of ``image`` from address 0, then LOAD_DONE: None if the board took it,
+        else why the upload must start again (a phrase)."""
+        for address in range(0, len(image), LOAD_CHUNK):
+            chunk = image[address:address + LOAD_CHUNK]
+            try:
+                reply = self.link.request(OP_LOAD, struct.pack(LOAD_HEADER_FORMAT, address) + chunk)
+            except BoardNotResponding:
+                return f"no reply to the LOAD at address {address} came"
+            except GarbledReplies:
+                return f"the reply to the LOAD at address {address} arrived corrupted"
             self._expect(OP_LOAD, reply, struct.calcsize(LOAD_REPLY_FORMAT))
-            if struct.unpack(LOAD_REPLY_FORMAT, reply) == sent:
-                return
-            self.chunk_resends += 1
-        raise LinkError(f"the board at {self.url} stored other bytes than were sent at address "
-                        f"{address}, {self.link.retries + 1} times in a row; its memory or link is faulty")
+            if struct.unpack(LOAD_REPLY_FORMAT, reply) != (address, len(chunk), crc16(chunk)):
+                return f"the board reported other bytes than were sent at address {address}"
+            bar.update(len(chunk))
+        try:
+            reply = self.link.request(OP_LOAD_DONE, struct.pack(LOAD_DONE_FORMAT, len(image),
+                                                                zlib.crc32(image)))
+        except ImageCrcError:
+            return "the image on the board did not match its CRC-32"
+        self._expect(OP_LOAD_DONE, reply, 0)
+        return None
 
     # ------------------------------------------------------------------ running
 

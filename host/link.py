@@ -4,14 +4,19 @@
 :class:`Link` sends one request frame and waits for its one reply frame. What it does about the
 things that go wrong on a serial line:
 
+- a fragment of an earlier, interrupted session in the board's receiver: before the first
+  request a lone END (:meth:`Link.sync`) terminates it and its answer is discarded;
 - stale input (a reply that arrived after an earlier request gave up) is drained before each
   request, and reply frames to other opcodes are ignored;
 - the board's ``BAD_CRC`` answer means it did nothing, so the request is sent again (up to
   ``retries`` times). When it names another opcode (this request's opcode byte was hit, or line
   noise before the request formed a fragment), an idempotent request is sent again at once and
-  TOKEN only if its reply has not come by the timeout;
-- a reply that arrives corrupted is re-requested when the request is idempotent (every opcode
-  but ``TOKEN``: a second TOKEN would advance the model's state twice), else it is an error;
+  a non-idempotent one only if its reply has not come by the timeout;
+- a reply that arrives corrupted is re-requested when the request is idempotent, else it is
+  :class:`CorruptedReply`. Idempotent: every opcode but ``TOKEN`` (a second TOKEN would
+  advance the model's state twice) and ``LOAD`` (the board's image check counts every
+  accepted LOAD, so a chunk accepted twice makes LOAD_DONE fail; host/board.py restarts the
+  upload instead);
 - silence until the timeout is :class:`BoardNotResponding`; bytes that never form a valid frame
   (typically a wrong baud rate) are :class:`GarbledReplies`;
 - any other error answer raises the :class:`BoardError` subclass of its code, whose message is
@@ -28,10 +33,10 @@ import time
 
 import serial
 
-from mmfree.protocol import (DEFAULT_BAUD, END, ERROR_FORMAT, ERRORS, OP_ERROR, OP_TOKEN, REPLY,
-                             Error, FrameDecoder, encode_frame)
+from mmfree.protocol import (DEFAULT_BAUD, END, ERROR_FORMAT, ERRORS, OP_ERROR, OP_LOAD, OP_TOKEN,
+                             REPLY, Error, FrameDecoder, encode_frame)
 
-__all__ = ["Link", "LinkError", "BoardNotResponding", "GarbledReplies", "BoardError",
+__all__ = ["Link", "LinkError", "BoardNotResponding", "GarbledReplies", "CorruptedReply", "BoardError",
            "BadCrcError", "BadOpcodeError", "BadLengthError", "NoModelError", "BadAddressError",
            "ImageCrcError", "BadTokenError", "ModelMismatchError", "ERROR_CLASSES", "DEFAULT_TIMEOUT"]
 
@@ -50,6 +55,14 @@ class BoardNotResponding(LinkError):
 
 class GarbledReplies(LinkError):
     """Bytes arrive but never a valid reply frame: typically the wrong baud rate."""
+
+
+class CorruptedReply(GarbledReplies):
+    """The reply to a request that cannot be repeated safely (TOKEN, LOAD) arrived corrupted:
+    the board executed the request, but its answer is unknown."""
+
+
+NOT_IDEMPOTENT = (OP_TOKEN, OP_LOAD)    # executing these twice is not executing them once
 
 
 class BoardError(LinkError):
@@ -111,7 +124,8 @@ class Link:
     built for (ignored by socket:// and loop://); ``timeout``: seconds to wait for a reply;
     ``retries``: how often one request is sent again after BAD_CRC or a corrupted reply.
     ``resends`` counts the requests sent again so far (tests and diagnostics read it).
-    Opening a port that does not exist raises :class:`LinkError`.
+    Opening a port that does not exist raises :class:`LinkError`. The first :meth:`request`
+    calls :meth:`sync` unless it was called already.
     """
 
     def __init__(self, url: str, baud: int = DEFAULT_BAUD, timeout: float = DEFAULT_TIMEOUT,
@@ -124,6 +138,7 @@ class Link:
             raise ValueError(f"retries must not be negative, not {retries}")
         self.url, self.baud, self.timeout, self.retries = url, baud, timeout, retries
         self.resends = 0
+        self.synced = False
         try:
             self._port = serial.serial_for_url(url, baudrate=baud, timeout=_POLL_S)
         except (serial.SerialException, ValueError, OSError) as exc:
@@ -144,6 +159,7 @@ class Link:
         lone END: the board answers that fragment with BAD_CRC, or nothing if it held none) and
         discard what comes back within ``settle_s``. Afterwards the board's receiver is empty,
         so a BAD_CRC answer can only be about the host's own frame."""
+        self.synced = True
         self._write(bytes([END]))
         deadline = time.monotonic() + settle_s
         while time.monotonic() < deadline:
@@ -152,12 +168,15 @@ class Link:
     def request(self, opcode: int, payload: bytes = b"", *, idempotent: bool | None = None) -> bytes:
         """Send ``opcode, payload``; return the payload of the board's reply ``opcode | REPLY``.
 
-        ``idempotent`` (default: every opcode but TOKEN) allows sending the request again when
-        its reply arrives corrupted. Raises the :class:`BoardError` subclass of an error answer,
-        :class:`BoardNotResponding` or :class:`GarbledReplies`.
+        ``idempotent`` (default: every opcode but TOKEN and LOAD) allows sending the request
+        again when its reply arrives corrupted. Raises the :class:`BoardError` subclass of an
+        error answer, :class:`BoardNotResponding`, :class:`CorruptedReply` (a corrupted reply
+        to a request that is not idempotent) or :class:`GarbledReplies`.
         """
         if idempotent is None:
-            idempotent = opcode != OP_TOKEN
+            idempotent = opcode not in NOT_IDEMPOTENT
+        if not self.synced:
+            self.sync()
         frame = encode_frame(opcode, payload)
         attempt = 0
         while True:
@@ -178,9 +197,11 @@ class Link:
                     f"no answer from the board at {self.url} within {self.timeout:g} s: is it "
                     f"connected, programmed with an mmfree bitstream, and at {self.baud} baud?")
             if outcome == "corrupted" and not idempotent:
-                raise GarbledReplies(
+                again = ("load the model again" if opcode == OP_LOAD
+                         else "reset the model state and start again")
+                raise CorruptedReply(
                     f"the reply to command 0x{opcode:02x} from {self.url} arrived corrupted and the "
-                    "command cannot be repeated safely; reset the model state and start again")
+                    f"command cannot be repeated safely; {again}")
             raise GarbledReplies(
                 f"the replies from {self.url} are garbled at {self.baud} baud; is that the rate "
                 "the board's bitstream was built for (set it with --baud)?")
@@ -194,9 +215,9 @@ class Link:
 
         A BAD_CRC answer naming another opcode is most likely about this request with its
         opcode byte corrupted, but may also answer a fragment of line noise before it, in which
-        case the real reply follows. An idempotent request is sent again at once; TOKEN waits
-        for its reply and is sent again only if none came by the timeout (then the board never
-        received it intact, so it did not execute it)."""
+        case the real reply follows. An idempotent request is sent again at once; TOKEN and LOAD
+        wait for their reply and are sent again only if none came by the timeout (then the
+        board most likely never received the request intact, so it did not execute it)."""
         decoder = FrameDecoder(max_body=MAX_REPLY_BODY)
         received = valid_frames = 0
         foreign_bad_crc = None

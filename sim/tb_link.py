@@ -1,10 +1,11 @@
-"""Testbench pieces for the host link (hdl/link.py, hdl/uart.py): the Python twin of the board
-(:class:`LinkModel`: LinkLayer + StubCore, built on ``mmfree.protocol.FrameDecoder``), request
-generators, the stream-level wrapper :class:`StubLink`, and the cocotb test that talks to
+"""Testbench pieces for the host link (hdl/link.py, hdl/uart.py): request generators, the
+stream-level wrapper :class:`StubLink`, and the cocotb test that talks to
 :class:`mmfree.hdl.link.StubBoard` through its UART pins (run from tests/test_link.py).
 
-Every reply byte on the wire is compared with :class:`LinkModel`; the tests also check the
-replies field by field against the protocol (INFO contents, LOAD's crc16, TOKEN layout, ...).
+The oracle is the one Python model of a board, :class:`mmfree.sim.refboard.ReferenceBoard`, with
+the :class:`~mmfree.sim.refboard.StubExecutor` (the twin of StubCore): :func:`stub_board`. Every
+reply byte on the wire is compared with it; the tests also check the replies field by field
+against the protocol (INFO contents, LOAD's crc16, TOKEN layout, ...).
 """
 
 import random
@@ -19,12 +20,13 @@ from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge, Timer
 
 from mmfree import protocol as P
-from mmfree.hdl.link import (BODY_MAX, STUB_HEADER_MAGIC, LinkLayer, StubCore,
-                             connect_core, stub_image, stub_logit, stub_token_result)
+from mmfree.hdl.link import (BODY_MAX, LinkLayer, StubCore, connect_core, stub_image, stub_logit,
+                             stub_token_result)
 from mmfree.sim.cocotb_runner import tb_params
+from mmfree.sim.refboard import ReferenceBoard, StubExecutor
 
-__all__ = ["TEST_INFO", "StubLink", "LinkModel", "load_frames", "load_done", "garbage", "corrupt",
-           "random_session", "uart_bits", "UartHost"]
+__all__ = ["TEST_INFO", "StubLink", "stub_board", "load_frames", "load_done", "garbage", "corrupt",
+           "random_session", "random_byte_session", "uart_bits", "UartHost"]
 
 # A small board: 24 MHz / 3 Mbaud = 8 cycles per bit, 1 KiB of image memory, V <= 40.
 TEST_INFO = P.Info(magic=b"MMFA", protocol=P.PROTOCOL_VERSION, lanes=32, config_hash=0xC0DBC0DB,
@@ -54,90 +56,9 @@ class StubLink(wiring.Component):
         return m
 
 
-class LinkModel:
-    """What LinkLayer + StubCore answer, byte for byte: ``feed(raw)`` returns the line bytes of
-    the replies to the frames that ``raw`` completes. State: ``mem``, ``model_ok``,
-    ``image_count``, ``image_crc`` (zlib running value), ``last_token``, ``resets``,
-    ``tokens``."""
-
-    def __init__(self, info: P.Info):
-        self.info = info
-        self.mem = bytearray(info.memory_bytes)
-        self.model_ok = False
-        self.image_count = 0
-        self.image_crc = 0
-        self.last_token = 0
-        self.resets = 0
-        self.tokens = 0
-        self.decoder = P.FrameDecoder(BODY_MAX)
-
-    @property
-    def vocab(self) -> int:
-        return self.mem[0] | self.mem[1] << 8
-
-    def feed(self, raw: bytes) -> bytes:
-        return b"".join(self.handle(f) for f in self.decoder.feed(raw))
-
-    def handle(self, f: P.Frame) -> bytes:
-        def error(code):
-            return P.encode_frame(P.OP_ERROR, bytes([code, f.opcode]))
-
-        def ok(payload=b""):
-            return P.encode_frame(f.opcode | P.REPLY, payload)
-
-        E = P.Error
-        if f.status == "overflow":
-            return error(E.BAD_LENGTH)
-        if f.status == "crc":
-            return error(E.BAD_CRC)
-        op, p = f.opcode, f.payload
-        lengths = {P.OP_INFO: 0, P.OP_RESET_STATE: 0, P.OP_LOGITS: 0,
-                   P.OP_TOKEN: struct.calcsize(P.TOKEN_REQUEST_FORMAT),
-                   P.OP_LOAD_DONE: struct.calcsize(P.LOAD_DONE_FORMAT)}
-        if op != P.OP_LOAD and op not in lengths:
-            return error(E.BAD_OPCODE)
-        head = struct.calcsize(P.LOAD_HEADER_FORMAT)
-        if (op == P.OP_LOAD and len(p) <= head) or (op != P.OP_LOAD and len(p) != lengths[op]):
-            return error(E.BAD_LENGTH)
-        if op in (P.OP_TOKEN, P.OP_LOGITS) and not self.model_ok:
-            return error(E.NO_MODEL)
-        if op == P.OP_INFO:
-            return ok(self.info.pack())
-        if op == P.OP_LOAD:
-            address, = struct.unpack_from(P.LOAD_HEADER_FORMAT, p)
-            chunk = p[head:]
-            if address + len(chunk) > self.info.memory_bytes:
-                return error(E.BAD_ADDRESS)
-            self.model_ok = False
-            if address == 0:
-                self.image_count, self.image_crc = 0, 0
-            self.mem[address:address + len(chunk)] = chunk
-            self.image_count += len(chunk)
-            self.image_crc = zlib.crc32(chunk, self.image_crc)
-            return ok(struct.pack(P.LOAD_REPLY_FORMAT, address, len(chunk), P.crc16(chunk)))
-        if op == P.OP_LOAD_DONE:
-            length, crc = struct.unpack(P.LOAD_DONE_FORMAT, p)
-            self.model_ok = False
-            if length != self.image_count or crc != self.image_crc:
-                return error(E.IMAGE_CRC)
-            if self.mem[2] != STUB_HEADER_MAGIC or not 1 <= self.vocab <= self.info.max_vocab:
-                return error(E.MODEL_MISMATCH)
-            self.model_ok = True
-            return ok()
-        if op == P.OP_RESET_STATE:
-            self.resets += 1
-            return ok()
-        if op == P.OP_TOKEN:
-            token, = struct.unpack(P.TOKEN_REQUEST_FORMAT, p)
-            if token >= self.vocab:
-                return error(E.BAD_TOKEN)
-            r = stub_token_result(token, self.vocab)
-            self.last_token = token
-            self.tokens += 1
-            return ok(struct.pack(P.TOKEN_REPLY_FORMAT, r.next_token, r.cycles, r.core_busy_cycles))
-        # LOGITS
-        return ok(struct.pack(f"<{self.vocab}h", *(stub_logit(self.last_token, i)
-                                                   for i in range(self.vocab))))
+def stub_board(info: P.Info = TEST_INFO, **hooks) -> ReferenceBoard:
+    """The oracle of LinkLayer + StubCore: a ReferenceBoard with the StubExecutor."""
+    return ReferenceBoard(info, executor=StubExecutor(), **hooks)
 
 
 def load_frames(image: bytes, chunks: list[int], base: int = 0) -> list[bytes]:
@@ -174,6 +95,16 @@ def corrupt(frame: bytes, rng: random.Random) -> bytes:
             return bytes(body)
 
 
+class _Session:
+    """Collects the pieces of a random session."""
+
+    def __init__(self):
+        self.pieces: list[bytes] = []
+
+    def add(self, *pieces: bytes) -> None:
+        self.pieces.extend(pieces)
+
+
 def random_session(rng: random.Random, info: P.Info, n: int) -> list[bytes]:
     """``n`` random requests (raw line bytes each): good loads of a stub image in random
     chunks, LOAD_DONE right and wrong, tokens in and out of range, LOGITS, INFO, RESET_STATE,
@@ -182,54 +113,155 @@ def random_session(rng: random.Random, info: P.Info, n: int) -> list[bytes]:
     vocab = rng.randint(2, info.max_vocab)
     image = stub_image(vocab, rng.randint(8, 3 * P.LOAD_CHUNK // 2), seed=rng.randrange(1 << 30))
     loads = load_frames(image, [rng.choice([1, 7, 64, P.LOAD_CHUNK]) for _ in range(4)])
-    out, pos = [], 0
-    while len(out) < n:
+    session, pos = _Session(), 0
+    add = session.add
+    while len(session.pieces) < n:
         kind = rng.choice(["image", "load", "done", "token", "token", "logits", "info", "reset",
                            "corrupt", "truncated", "garbage", "long", "empty", "opcode",
                            "length", "address", "badtoken"])
         if kind == "image":                 # the whole image, then LOAD_DONE
-            out += loads + [load_done(image)]
+            add(*loads, load_done(image))
             pos = len(loads)
         elif kind == "load":                # the next chunk (from the start after the last)
             if pos >= len(loads):
                 pos = 0
-            out.append(loads[pos])
+            add(loads[pos])
             pos += 1
         elif kind == "done":
-            out.append(load_done(image) if rng.random() < 0.7 else load_done(image[:-1]))
+            add(load_done(image) if rng.random() < 0.7 else load_done(image[:-1]))
         elif kind == "token":
-            out.append(P.encode_frame(P.OP_TOKEN, struct.pack("<H", rng.randrange(vocab))))
+            add(P.encode_frame(P.OP_TOKEN, struct.pack("<H", rng.randrange(vocab))))
         elif kind == "badtoken":
-            out.append(P.encode_frame(P.OP_TOKEN, struct.pack("<H", rng.choice([vocab, 0xFFFF]))))
+            add(P.encode_frame(P.OP_TOKEN, struct.pack("<H", rng.choice([vocab, 0xFFFF]))))
         elif kind == "logits":
-            out.append(P.encode_frame(P.OP_LOGITS))
+            add(P.encode_frame(P.OP_LOGITS))
         elif kind == "info":
-            out.append(P.encode_frame(P.OP_INFO))
+            add(P.encode_frame(P.OP_INFO))
         elif kind == "reset":
-            out.append(P.encode_frame(P.OP_RESET_STATE))
+            add(P.encode_frame(P.OP_RESET_STATE))
         elif kind == "corrupt":
-            out.append(corrupt(rng.choice(loads + [P.encode_frame(P.OP_INFO, b"\x00")]), rng))
+            add(corrupt(rng.choice(loads + [P.encode_frame(P.OP_INFO, b"\x00")]), rng))
         elif kind == "truncated":
             f = rng.choice(loads)
-            out.append(f[:rng.randrange(1, len(f) - 1)])
+            add(f[:rng.randrange(1, len(f) - 1)])
         elif kind == "garbage":
-            out.append(garbage(rng, rng.randint(1, 20)))
+            add(garbage(rng, rng.randint(1, 20)))
         elif kind == "long":
-            out.append(P.encode_frame(P.OP_LOAD, bytes(BODY_MAX - 2 + rng.randint(0, 3))))
+            add(P.encode_frame(P.OP_LOAD, bytes(BODY_MAX - 2 + rng.randint(0, 3))))
         elif kind == "empty":
-            out.append(bytes([P.END]) * rng.randint(1, 3))
+            add(bytes([P.END]) * rng.randint(1, 3))
         elif kind == "opcode":
-            out.append(P.encode_frame(rng.choice([0x00, 0x07, 0x7F, 0x81, 0xC0, 0xFF]),
-                                      bytes(rng.randint(0, 4))))
+            add(P.encode_frame(rng.choice([0x00, 0x07, 0x7F, 0x81, 0xC0, 0xFF]),
+                               bytes(rng.randint(0, 4))))
         elif kind == "length":
             op, size = rng.choice([(P.OP_INFO, 1), (P.OP_TOKEN, 3), (P.OP_TOKEN, 1),
                                    (P.OP_LOAD_DONE, 7), (P.OP_LOAD, 4), (P.OP_LOGITS, 2),
                                    (P.OP_RESET_STATE, 1)])
-            out.append(P.encode_frame(op, bytes(size)))
+            add(P.encode_frame(op, bytes(size)))
         elif kind == "address":
             address = rng.choice([info.memory_bytes, info.memory_bytes - 1, 0xFFFFFFFF])
-            out.append(P.encode_frame(P.OP_LOAD, struct.pack("<I", address) + b"\x01\x02"))
-    return out[:n]
+            add(P.encode_frame(P.OP_LOAD, struct.pack("<I", address) + b"\x01\x02"))
+    return session.pieces[:n]
+
+
+def random_byte_session(rng: random.Random, info: P.Info, n: int) -> list[bytes]:
+    """``n`` random pieces of line bytes, damaged at the byte level: the requests of a host that
+    loads a stub image (chunks in order, repeated, skipped, from other bases; LOAD_DONE right
+    and wrong), runs tokens, asks for LOGITS, INFO, RESET_STATE, interleaved with frames with
+    random bytes replaced (which may create or destroy END and ESC, splitting or merging
+    frames), frames cut short anywhere, garbage with and without END, bodies over the buffer,
+    bodies of random opcodes and lengths with a good CRC, and empty frames. Images come in two
+    vocabularies, so a stale image check or header is visible."""
+    images = []
+    for k in range(2):                      # the second may not fit: MODEL_MISMATCH
+        vocab = rng.choice([rng.randint(2, info.max_vocab)] * 3 + [info.max_vocab + k])
+        image = stub_image(vocab, rng.randint(3, 160), header_ok=k == 0 or rng.random() < 0.7,
+                           seed=rng.randrange(1 << 30))
+        images.append((vocab, image, load_frames(image, [rng.choice([1, 9, 64, P.LOAD_CHUNK])
+                                                         for _ in range(3)])))
+    vocab, image, loads = images[0]
+    pos = 0
+    session = _Session()
+    add = session.add
+
+    def good_frame():
+        op = rng.choice([P.OP_INFO, P.OP_LOAD, P.OP_LOAD_DONE, P.OP_RESET_STATE, P.OP_TOKEN,
+                         P.OP_TOKEN, P.OP_LOGITS])
+        if op == P.OP_LOAD:
+            return rng.choice(loads)
+        if op == P.OP_LOAD_DONE:
+            return load_done(image)
+        if op == P.OP_TOKEN:
+            return P.encode_frame(op, struct.pack("<H", rng.randrange(vocab + 2)))
+        return P.encode_frame(op)
+
+    while len(session.pieces) < n:
+        kind = rng.choices(
+            ["image", "next", "repeat", "skip", "done", "done_wrong", "switch", "token", "logits",
+             "info", "reset", "replace", "cut", "garbage", "garbage_end", "long", "empty",
+             "random_body", "address"],
+            weights=[5, 2, 1, 1, 2, 1, 1, 8, 2, 1, 2, 5, 4, 3, 1, 1, 1, 2, 1])[0]
+        if kind == "image":
+            add(*loads, load_done(image))
+            pos = len(loads)
+        elif kind == "next":
+            if pos >= len(loads):
+                pos = 0
+            add(loads[pos])
+            pos += 1
+        elif kind == "repeat":              # a chunk again (an accepted chunk counts twice)
+            add(loads[max(0, pos - 1) % len(loads)])
+        elif kind == "skip":
+            pos += 1
+        elif kind == "done":
+            add(load_done(image))
+        elif kind == "done_wrong":
+            add(load_done(image[:-1] if len(image) > 1 else image + b"\x00"))
+        elif kind == "switch":              # the other image (its LOADs start at address 0)
+            images.reverse()
+            vocab, image, loads = images[0]
+            pos = 0
+        elif kind == "token":               # a few tokens, some followed by LOGITS
+            for _ in range(rng.randint(1, 4)):
+                add(P.encode_frame(P.OP_TOKEN, struct.pack("<H", rng.choice(
+                    [rng.randrange(vocab)] * 4 + [vocab, 0xFFFF]))))
+                if rng.random() < 0.4:
+                    add(P.encode_frame(P.OP_LOGITS))
+        elif kind == "logits":
+            add(P.encode_frame(P.OP_LOGITS))
+        elif kind == "info":
+            add(P.encode_frame(P.OP_INFO))
+        elif kind == "reset":
+            add(P.encode_frame(P.OP_RESET_STATE))
+        elif kind == "replace":             # any byte, END and ESC included
+            f = bytearray(good_frame())
+            for _ in range(rng.randint(1, 3)):
+                f[rng.randrange(len(f))] = rng.choice([P.END, P.ESC, P.ESC_END, rng.randrange(256)])
+            add(bytes(f))
+        elif kind == "cut":
+            f = good_frame()
+            add(f[:rng.randrange(1, len(f))])
+        elif kind == "garbage":
+            add(garbage(rng, rng.randint(1, 12)))
+        elif kind == "garbage_end":
+            g = bytearray(garbage(rng, rng.randint(2, 12)))
+            g[rng.randrange(len(g))] = P.END
+            add(bytes(g))
+        elif kind == "long":
+            add(P.encode_frame(rng.randrange(256), bytes(rng.randrange(256) for _ in range(
+                BODY_MAX - 2 + rng.randint(0, 4)))))
+        elif kind == "empty":
+            add(bytes([P.END]) * rng.randint(1, 3))
+        elif kind == "random_body":         # a good CRC over a random opcode and length
+            op = rng.choice([rng.randrange(256), P.OP_LOAD, P.OP_TOKEN, P.OP_LOAD_DONE, P.OP_INFO])
+            payload = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 2, 3, 4, 5, 8, 9])))
+            if op == P.OP_LOAD and payload[:4]:
+                payload = struct.pack("<I", rng.choice([0, 1, info.memory_bytes - 1])) + payload[4:]
+            add(P.encode_frame(op, payload))
+        elif kind == "address":
+            address = rng.choice([info.memory_bytes - 1, info.memory_bytes, 1 << 31])
+            add(P.encode_frame(P.OP_LOAD, struct.pack("<I", address) + b"\x01\x02"))
+    return session.pieces[:n]
 
 
 def uart_bits(byte: int) -> list[int]:
@@ -302,7 +334,7 @@ async def test_link_at_uart_pins(dut):
         await RisingEdge(dut.clk)
     dut.rst.value = 0
     cocotb.start_soon(host.monitor())
-    model = LinkModel(info)
+    model = stub_board(info)
     replies = P.FrameDecoder()
     expected_len = 0
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from mmfree import protocol
-from mmfree.host.board import (BitstreamMismatch, Board, ModelDoesNotFit, build_image, check_fits,
-                               hardware_from_info)
+from mmfree.host.board import (BitstreamMismatch, Board, LoadFailed, ModelDoesNotFit, build_image,
+                               check_fits, hardware_from_info)
 from mmfree.host.cli import main
 from mmfree.host.link import (ERROR_CLASSES, BadCrcError, BoardError, BoardNotResponding,
-                              GarbledReplies, Link, LinkError)
+                              GarbledReplies, Link)
 from mmfree.models import arith
 from mmfree.models.boardfile import read_board_model, write_board_model
 from mmfree.models.config import ModelConfig
@@ -296,11 +296,18 @@ def test_error_answers_raw(small_models):
     assert_error(fresh, encode_frame(OP_LOAD, struct.pack("<I", info.memory_bytes - 1) + b"ab"),
                  Error.BAD_ADDRESS, OP_LOAD)
     assert_error(fresh, encode_frame(OP_LOAD, struct.pack("<I", 1 << 31) + b"a"), Error.BAD_ADDRESS, OP_LOAD)
+    # LOAD_DONE's length and CRC-32 are checked against the data of the LOADs accepted since the
+    # last LOAD to address 0, in arrival order: before any LOAD, that is nothing
+    assert_error(fresh, encode_frame(OP_LOAD_DONE, struct.pack("<II", 0, 0)), Error.MODEL_MISMATCH, OP_LOAD_DONE)
     ok = answer(fresh, encode_frame(OP_LOAD, struct.pack("<I", info.memory_bytes - 2) + b"ab"))
     assert ok.payload == struct.pack("<IHH", info.memory_bytes - 2, 2, protocol.crc16(b"ab"))
-    for length, crc in ((0, 0), (info.memory_bytes + 1, 0), (16, 12345)):
+    for length, crc in ((0, 0), (info.memory_bytes + 1, 0), (16, 12345), (2, zlib.crc32(b"ab") ^ 1),
+                        (3, zlib.crc32(b"ab"))):
         assert_error(fresh, encode_frame(OP_LOAD_DONE, struct.pack("<II", length, crc)), Error.IMAGE_CRC, OP_LOAD_DONE)
+    assert_error(fresh, encode_frame(OP_LOAD_DONE, struct.pack("<II", 2, zlib.crc32(b"ab"))),
+                 Error.MODEL_MISMATCH, OP_LOAD_DONE)        # the image check passed (2 bytes "ab")
     # a good CRC over an image that is no model, and over an image built for other hardware
+    assert answer(fresh, encode_frame(OP_LOAD, struct.pack("<I", 0) + bytes(16))).opcode == OP_LOAD | REPLY
     assert_error(fresh, encode_frame(OP_LOAD_DONE, struct.pack("<II", 16, zlib.crc32(bytes(16)))),
                  Error.MODEL_MISMATCH, OP_LOAD_DONE)
     for small in (default_info(lanes=8, max_d=32), default_info(lanes=16), default_info(lanes=8, max_vocab=96)):
@@ -333,6 +340,8 @@ def test_error_answers_through_link(serve, small_models):
              (OP_LOAD_DONE, struct.pack("<II", 8, 1), Error.IMAGE_CRC),
              (OP_LOAD_DONE, struct.pack("<II", 8, zlib.crc32(bytes(8))), Error.MODEL_MISMATCH)]
     with Link(server.url, timeout=2) as link:
+        assert link.request(OP_LOAD, struct.pack("<I", 0) + bytes(8)) == struct.pack(
+            "<IHH", 0, 8, protocol.crc16(bytes(8)))                 # the 8 bytes LOAD_DONE checks
         for opcode, payload, code in cases:
             with pytest.raises(ERROR_CLASSES[code]) as exc:
                 link.request(opcode, payload)
@@ -500,15 +509,16 @@ def test_load_chunk_corrupted_on_the_wire_is_resent(serve, shipped):
     chunks = -(-len(image) // LOAD_CHUNK)
     with Board(server.url) as b:
         b.load(SHIPPED, progress=False)
-        assert b.link.resends == 1 and b.chunk_resends == 0
+        assert b.link.resends == 1 and b.load_restarts == 0
         assert list(b.generate(list(b"Wire"), 8)) == greedy_golden(shipped, b"Wire", 8)
     assert server.board.errors == {Error.BAD_CRC: 1}
     assert server.board.requests[OP_LOAD] == chunks and hook.loads == chunks + 1
     assert bytes(server.board.memory[:len(image)]) == image
 
 
-def test_load_chunk_stored_wrong_is_resent(serve, shipped):
-    """A reply whose CRC-16 says other bytes were stored than sent: the chunk is sent again."""
+def test_load_chunk_stored_wrong_restarts_the_upload(serve, shipped):
+    """A LOAD reply whose CRC-16 says other bytes went to memory than were sent: the chunk was
+    accepted (and counted by the image check), so the upload starts again from address 0."""
     faults = []
 
     def store_hook(address, data):
@@ -518,16 +528,136 @@ def test_load_chunk_stored_wrong_is_resent(serve, shipped):
         return data
 
     server = serve(ReferenceBoard(store_hook=store_hook))
+    image = device_image(shipped, server.board.info)
+    chunks = -(-len(image) // LOAD_CHUNK)
     with Board(server.url) as b:
         b.load(shipped, progress=False)
-        assert (b.chunk_resends, b.link.resends) == (1, 0)
+        assert (b.load_restarts, b.link.resends) == (1, 0)
         assert list(b.generate(list(b"Mem"), 8)) == greedy_golden(shipped, b"Mem", 8)
-    # a memory that always stores wrong bytes: the load gives up with one sentence
+    assert server.board.requests[OP_LOAD] == 3 + chunks and server.board.requests[OP_LOAD_DONE] == 1
+    assert bytes(server.board.memory[:len(image)]) == image
+    # a link buffer that always hands other bytes to the memory: three uploads, then one sentence
     server.board.store_hook = lambda address, data: bytes(len(data))
-    with Board(server.url, retries=1) as b, pytest.raises(LinkError) as exc:
+    server.board.requests.clear()
+    with Board(server.url) as b, pytest.raises(LoadFailed) as exc:
         b.load(shipped, progress=False)
-    assert str(exc.value) == (f"the board at {server.url} stored other bytes than were sent at address 0, "
-                              "2 times in a row; its memory or link is faulty")
+    assert str(exc.value) == (f"the board at {server.url} did not take the model image in 3 attempts "
+                              "(the last time the board reported other bytes than were sent at address 0); "
+                              "its memory or link is faulty")
+    assert b.load_restarts == 2 and server.board.requests == {OP_INFO: 1, OP_LOAD: 3}
+
+
+class NthLoadReply:
+    """tx_hook: applies ``change`` to the ``n``-th reply to a LOAD (once)."""
+
+    def __init__(self, n: int, change):
+        self.n, self.change, self.seen = n, change, 0
+
+    def __call__(self, data: bytes) -> bytes:
+        if data[:2] == bytes([END, OP_LOAD | REPLY]):
+            self.seen += 1
+            if self.seen == self.n:
+                return self.change(data)
+        return data
+
+
+@pytest.mark.parametrize("fault", ["corrupted", "lost"])
+def test_load_reply_corrupted_or_lost_restarts_the_upload(serve, shipped, fault):
+    """The reply to an accepted LOAD arrives corrupted or not at all: the chunk is not sent
+    again (a second copy would make the image check fail), the upload starts again from 0."""
+    def flip(data):                                 # a payload byte, clear of END and ESC
+        k = next(i for i in range(3, len(data)) if data[i] not in (END, ESC, END ^ 1, ESC ^ 1))
+        return data[:k] + bytes([data[k] ^ 1]) + data[k + 1:]
+
+    change = flip if fault == "corrupted" else (lambda data: b"")
+    server = serve(ReferenceBoard(tx_hook=NthLoadReply(5, change)))
+    image = device_image(shipped, server.board.info)
+    chunks = -(-len(image) // LOAD_CHUNK)
+    with Board(server.url, timeout=1) as b:
+        t0 = time.monotonic()
+        b.load(shipped, progress=False)
+        assert (time.monotonic() - t0 >= 1) == (fault == "lost")
+        assert (b.load_restarts, b.link.resends) == (1, 0)
+        assert list(b.generate(list(b"Re"), 6)) == greedy_golden(shipped, b"Re", 6)
+    assert server.board.requests[OP_LOAD] == 5 + chunks and server.board.errors == {}
+
+
+def test_image_crc_restarts_the_upload(serve, shipped):
+    """LOAD_DONE answers IMAGE_CRC (here: a copy of chunk 1 reached the board again, unseen by
+    the host, as after a lost reply): the upload starts again from address 0 and succeeds."""
+    image = device_image(shipped, default_info())
+    replay = encode_frame(OP_LOAD, struct.pack("<I", LOAD_CHUNK) + image[LOAD_CHUNK:2 * LOAD_CHUNK])
+    done = {"n": 0}
+
+    def rx_hook(data):
+        if data.startswith(bytes([END, OP_LOAD_DONE])) and not done["n"]:
+            done["n"] += 1
+            return replay + data                    # the board accepts chunk 1 a second time
+        return data
+
+    server = serve(ReferenceBoard(rx_hook=rx_hook))
+    with Board(server.url) as b:
+        b.load(shipped, progress=False)
+        assert (b.load_restarts, b.link.resends) == (1, 0)
+        assert list(b.generate(list(b"Crc"), 6)) == greedy_golden(shipped, b"Crc", 6)
+    assert server.board.errors == {Error.IMAGE_CRC: 1} and server.board.requests[OP_LOAD_DONE] == 2
+
+
+def test_load_progress_bar_across_restarts(serve, shipped, monkeypatch):
+    """The progress bar counts the bytes of the current upload: it starts over (and says which
+    attempt this is) when the upload restarts, never exceeds the image, and ends full."""
+    import tqdm
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, desc, **kwargs):
+            self.total, self.n = total, 0
+            events.append(("open", desc, total))
+
+        def update(self, k):
+            self.n += k
+            assert self.n <= self.total
+            events.append(("update", self.n))
+
+        def reset(self, total=None):
+            self.n = 0
+            events.append(("reset",))
+
+        def set_description(self, desc):
+            events.append(("desc", desc))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append(("close", self.n))
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    image = device_image(shipped, default_info())
+    server = serve(ReferenceBoard(tx_hook=NthLoadReply(3, lambda data: data[:-3] + data[-2:])))
+    with Board(server.url) as b:
+        b.load(shipped)
+    assert events[0] == ("open", "load", len(image)) and events[-1] == ("close", len(image))
+    k = events.index(("reset",))
+    assert events[k - 1] == ("update", 2 * LOAD_CHUNK) and events[k + 1] == ("desc", "load (attempt 2/3)")
+    assert [e for e in events if e[0] in ("reset", "desc")] == [("reset",), ("desc", "load (attempt 2/3)")]
+
+
+def test_link_syncs_before_its_first_request(serve):
+    """A Link sends a lone END before its first request: a fragment left in the board's
+    receiver is answered then (and that answer dropped), not taken for the request's."""
+    server = serve()
+    for explicit in (False, True):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(bytes([END, OP_INFO, 0x12]))          # an interrupted INFO
+            time.sleep(0.05)
+        with Link(server.url) as link:
+            if explicit:
+                link.sync()
+            assert link.request(OP_INFO) == server.board.info.pack() and link.resends == 0
+            link.request(OP_INFO)
+    assert server.board.errors == {Error.BAD_CRC: 2} and server.board.requests[OP_INFO] == 4
 
 
 # --------------------------------------------------------------------------- no board, wrong baud
@@ -654,7 +784,7 @@ def test_model_mismatch_answer(serve, capsys):
     passed: the board's sentence."""
 
     class Overclaiming(ReferenceBoard):             # INFO promises more than the board holds
-        def _info(self, payload):
+        def _info_payload(self):
             return default_info().pack()
 
     server = serve(Overclaiming(default_info(max_d=64)))

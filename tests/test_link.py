@@ -1,8 +1,9 @@
 # amaranth: UnusedElaboratable=no
 # (the tests of rejected parameters build components that are never elaborated)
 """The link layer (hdl/link.py) with the StubCore test double: Amaranth-simulator tests at the
-byte streams (every reply byte compared with sim/tb_link.LinkModel, and field by field with
-mmfree.protocol), one at the UART pins, and the cocotb/Icarus test at the UART pins."""
+byte streams (every reply byte compared with the one Python model of a board,
+sim/refboard.ReferenceBoard with the StubExecutor, and field by field with mmfree.protocol), one
+at the UART pins, and the cocotb/Icarus test at the UART pins."""
 
 import dataclasses
 import random
@@ -17,8 +18,8 @@ from mmfree.hdl.link import (BODY_MAX, INFO_LEN, LinkLayer, SerialCRC, StubBoard
                              core_port_members, link_core_members, stub_image, stub_logit,
                              stub_token_result)
 from mmfree.sim.cocotb_runner import ICARUS_MISSING, icarus_available, run_cocotb
-from mmfree.sim.tb_link import (TEST_INFO, LinkModel, StubLink, corrupt, garbage, load_done,
-                                load_frames, random_session, uart_bits)
+from mmfree.sim.tb_link import (TEST_INFO, StubLink, corrupt, garbage, load_done, load_frames,
+                                random_byte_session, random_session, stub_board, uart_bits)
 
 E = P.Error
 MEM = TEST_INFO.memory_bytes
@@ -26,10 +27,11 @@ MEM = TEST_INFO.memory_bytes
 
 def run_link(requests, *, idle=0.0, stall=0.0, seed=0, load_stall=False, info=TEST_INFO):
     """Send every request (raw line bytes) into a StubLink's ``i_rx`` (random idle cycles),
-    take ``o_tx`` (random back-pressure), and compare the whole output with LinkModel.
+    take ``o_tx`` (random back-pressure), and compare the whole output with the oracle,
+    ReferenceBoard with the StubExecutor; then model_ok, the memory and the stub's counters.
     Returns ``(replies, model, state)``: ``replies[k]`` = the frames answering request k,
     ``state`` = the ports and the stub's memory at the end."""
-    model = LinkModel(info)
+    model = stub_board(info)
     want = [model.feed(r) for r in requests]
     want_all = b"".join(want)
     data = b"".join(requests)
@@ -77,8 +79,9 @@ def run_link(requests, *, idle=0.0, stall=0.0, seed=0, load_stall=False, info=TE
         print("want frames", P.FrameDecoder().feed(want_all))
         raise AssertionError(f"line bytes differ from the model from byte {first} "
                              f"(got {len(got)}, want {len(want_all)} bytes)")
-    assert state["model_ok"] == model.model_ok and state["mem"] == bytes(model.mem)
-    assert (state["resets"], state["tokens"]) == (model.resets, model.tokens)
+    assert state["model_ok"] == model.model_ok and state["mem"] == bytes(model.memory)
+    stub = model.executor                               # the stub's counters are 8 bits wide
+    assert (state["resets"], state["tokens"]) == (stub.resets % 256, stub.tokens % 256)
     decoder = P.FrameDecoder()
     replies = [decoder.feed(w) for w in want]
     assert all(f.status == "ok" for r in replies for f in r)
@@ -289,7 +292,7 @@ def test_corrupted_chunk_is_refused_then_resent():
 
 @pytest.mark.parametrize("seed,idle,stall,load_stall", [(119, 0.0, 0.0, False), (129, 0.3, 0.3, True)])
 def test_random_sessions_match_model(seed, idle, stall, load_stall):
-    """Random mixes of good and bad requests: every line byte equals LinkModel's."""
+    """Random mixes of good and bad requests: every line byte equals the oracle's."""
     print("seed", seed)
     rng = random.Random(seed)
     requests = random_session(rng, TEST_INFO, 45)
@@ -301,6 +304,83 @@ def test_random_sessions_match_model(seed, idle, stall, load_stall):
     # the session reached the interesting states: a loaded model, tokens, most errors
     assert {P.OP_TOKEN | P.REPLY, P.OP_LOGITS | P.REPLY, P.OP_LOAD_DONE | P.REPLY} <= opcodes
     assert len(errors) >= 6
+
+
+@pytest.mark.parametrize("seed,pieces,idle,stall,load_stall", [(32, 70, 0.0, 0.0, False),
+                                                              (52, 90, 0.3, 0.3, True)])
+def test_random_byte_session_matches_reference(seed, pieces, idle, stall, load_stall):
+    """The same random byte session (tb_link.random_byte_session: garbage, frames cut short or
+    with bytes replaced, loads in and out of order, tokens, every error) through LinkLayer +
+    StubCore and through ReferenceBoard(StubExecutor): the reply byte streams are equal, and
+    so are model_ok, the memory and the stub's counters (run_link)."""
+    print("seed", seed)
+    rng = random.Random(seed)
+    requests = random_byte_session(rng, TEST_INFO, pieces)
+    replies = run_link(requests, idle=idle, stall=stall, seed=seed, load_stall=load_stall)[0]
+    frames = [f for r in replies for f in r]
+    opcodes = {f.opcode for f in frames}
+    errors = {f.payload[0] for f in frames if f.opcode == P.OP_ERROR}
+    print(len(b"".join(requests)), "bytes,", len(frames), "replies, opcodes", sorted(opcodes),
+          "errors", sorted(errors))
+    # the session reached the interesting states: loaded models, tokens, every error but one
+    assert {P.OP_LOAD | P.REPLY, P.OP_LOAD_DONE | P.REPLY, P.OP_TOKEN | P.REPLY,
+            P.OP_LOGITS | P.REPLY} <= opcodes
+    assert len(errors) >= 7
+
+
+def test_image_check_follows_arrival_order():
+    """LOAD_DONE checks the count and CRC-32 of the data of the LOADs accepted since the last
+    LOAD to address 0, in arrival order; LOAD_DONE does not restart them; a failed LOAD_DONE
+    (also one with a wrong payload length) clears model_ok; each LOAD reply's crc16 is over its
+    data bytes."""
+    vocab = 11
+    image = stub_image(vocab, 150, seed=13)
+    c0, c1, c2 = load_frames(image, [50])
+    part = [image[:50], image[50:100], image[100:]]
+
+    def done_over(*data):
+        blob = b"".join(data)
+        return frame(P.OP_LOAD_DONE, struct.pack(P.LOAD_DONE_FORMAT, len(blob), zlib.crc32(blob)))
+
+    requests = [
+        c0, c1, c1, c2, load_done(image),               # 0-4: chunk 1 counted twice → IMAGE_CRC
+        done_over(part[0], part[1], part[1], part[2]),  # 5: what arrived → accepted
+        token(3), load_done(image),                     # 6-7: TOKEN ok; IMAGE_CRC (no restart)
+        token(3),                                       # 8: the failed LOAD_DONE cleared model_ok
+        c0, c1, c2, load_done(image), load_done(image),  # 9-13: a fresh image, LOAD_DONE twice ok
+        c1, c2, load_done(image),                       # 14-16: no LOAD to 0: the count goes on
+        c2, c0, done_over(part[0]),                     # 17-19: LOAD to 0 restarts: only c0 counts
+        token(4), frame(P.OP_LOAD_DONE, bytes(7)), token(4),    # 20-22: BAD_LENGTH clears model_ok
+    ]
+    r = single(run_link(requests, seed=13)[0])
+    ok = [P.OP_LOAD_DONE | P.REPLY]
+    assert is_error(r[4], E.IMAGE_CRC, P.OP_LOAD_DONE) and r[5].opcode in ok
+    assert r[6].opcode == P.OP_TOKEN | P.REPLY and is_error(r[7], E.IMAGE_CRC, P.OP_LOAD_DONE)
+    assert is_error(r[8], E.NO_MODEL, P.OP_TOKEN)
+    assert r[12].opcode in ok and r[13].opcode in ok
+    assert is_error(r[16], E.IMAGE_CRC, P.OP_LOAD_DONE) and r[19].opcode in ok
+    assert r[20].opcode == P.OP_TOKEN | P.REPLY and is_error(r[21], E.BAD_LENGTH, P.OP_LOAD_DONE)
+    assert is_error(r[22], E.NO_MODEL, P.OP_TOKEN)
+    chunk_of = {c0: 0, c1: 1, c2: 2}
+    for k, req in enumerate(requests):
+        if req in chunk_of:
+            n = chunk_of[req]
+            assert r[k].payload == struct.pack(P.LOAD_REPLY_FORMAT, 50 * n, len(part[n]), P.crc16(part[n]))
+
+
+def test_damaged_body_naming_load_done_keeps_the_model():
+    """A damaged body whose first byte is OP_LOAD_DONE (garbage, a LOAD_DONE cut short, a body
+    over the buffer) is no LOAD_DONE: it is answered (BAD_CRC / BAD_LENGTH) and changes
+    nothing, so the loaded model stays."""
+    vocab = 9
+    image = stub_image(vocab, 40, seed=14)
+    cut = load_done(image)[:6]
+    requests = [*load_frames(image, [40]), load_done(image), token(1),
+                bytes([P.OP_LOAD_DONE, 0x11, 0x22]), token(2),       # garbage
+                cut, token(3),                                          # a LOAD_DONE cut short
+                bytes([P.END, P.OP_LOAD_DONE]) + bytes(BODY_MAX) + bytes([P.END]), token(4)]
+    r = [f for reply in run_link(requests, seed=14)[0] for f in reply]
+    assert [f.opcode for f in r[4::2]] == [P.OP_TOKEN | P.REPLY] * 3
 
 
 def test_serial_crcs():
@@ -382,7 +462,7 @@ def test_uart_pins_garbage_then_frame():
     divisor = round(info.clock_hz / info.baud)
     rng = random.Random(12)
     requests = [garbage(rng, 6) + frame(P.OP_INFO), token(2)]
-    model = LinkModel(info)
+    model = stub_board(info)
     want_parts = [model.feed(r) for r in requests]
     want = b"".join(want_parts)
     clk = 1e-6
