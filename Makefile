@@ -10,13 +10,14 @@ PROMPT  ?= Love is
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-test system-deps demo test bench train clean
+.PHONY: help setup setup-test system-deps demo test bench train bitstream clean
 
 help:
 	@echo "make demo     set up, then generate text with the shipped tiny model (golden model, CPU)"
 	@echo "make test     set up (venv, torch CPU, Debian packages), then run the whole test suite"
 	@echo "make bench    print benchmark figures (golden-model tokens/s)"
 	@echo "make train    retrain the tiny model into runs/ (TRAIN_ARGS=... for options; see --help)"
+	@echo "make bitstream BOARD=icebreaker   build the board's bitstream (BUILD_ARGS=--program ...)"
 	@echo "make clean    remove the virtual environment and build outputs"
 
 $(PY):
@@ -37,9 +38,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 
-# Debian packages the tests need: the corpus of the shipped model (fortunes, fortunes-min) and
-# Icarus Verilog for the cocotb testbenches.
-SYSTEM_PACKAGES := fortunes fortunes-min iverilog
+# Debian packages the tests need: the corpus of the shipped model (fortunes, fortunes-min),
+# Icarus Verilog for the cocotb testbenches and Verilator for the simulated board.
+SYSTEM_PACKAGES := fortunes fortunes-min iverilog verilator
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -67,6 +68,12 @@ bench: setup
 TRAIN_ARGS ?=
 train: setup-test
 	$(PY) -m mmfree.models.train --out runs/tiny-fortunes $(TRAIN_ARGS)
+
+# the accelerator's bitstream for a board (minutes); BUILD_ARGS: --lanes N --clock-mhz F --program
+BOARD ?= icebreaker
+BUILD_ARGS ?=
+bitstream: setup
+	$(VENV)/bin/mmfree build --board $(BOARD) $(BUILD_ARGS)
 
 clean:
 	rm -rf $(VENV) build sim_build .pytest_cache

@@ -179,6 +179,44 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    import dataclasses
+
+    from mmfree.hdl.boards import get_board
+    from mmfree.hdl.build import BuildError, build_bitstream, program_bitstream
+
+    board = get_board(args.board)
+    hw = board.hardware
+    if args.lanes is not None:
+        hw = dataclasses.replace(hw, lanes=args.lanes)
+    if args.clock_mhz is not None:
+        hw = dataclasses.replace(hw, clock_hz=round(args.clock_mhz * 1e6))
+    try:
+        report = build_bitstream(board, hw, args.out or Path("build") / board.name, seed=args.seed)
+        print(report.text(), end="")
+        if args.program:
+            print(f"[build {board.name}] {board.programmer} {report.bin_path}", flush=True)
+            program_bitstream(board, report.bin_path)
+            print(f"[build {board.name}] the {board.name} runs the new bitstream")
+    except BuildError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_sim_board(args) -> int:
+    import dataclasses
+
+    from mmfree.firmware.isa import ICEBREAKER
+    from mmfree.sim.board import SimBoardError, serve
+
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be a TCP port number (0..65535; 0: any free port), not {args.port}")
+    try:
+        return serve(dataclasses.replace(ICEBREAKER, lanes=args.lanes), port=args.port, core=args.core)
+    except SimBoardError as exc:
+        raise CliError(str(exc)) from None
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.add_argument("prompt", help="text to start from")
     p.set_defaults(func=cmd_run)
+
+    from mmfree.hdl.boards import BOARDS
+    p = sub.add_parser("build", help="build (and program) the accelerator's bitstream for a board",
+                       description="Synthesize, place and route the accelerator for a board with the "
+                                   "PyPI toolchain (yowasp yosys, nextpnr, icepack; minutes), check "
+                                   "that it fits and meets its clock, and write the .bin and a "
+                                   "report into --out.")
+    p.add_argument("--board", required=True, choices=sorted(BOARDS), help="the board")
+    p.add_argument("--lanes", type=int, choices=(8, 16, 32), help="ternary core lanes (default: the board's)")
+    p.add_argument("--clock-mhz", type=float, metavar="F",
+                   help="clock in MHz (default: the board's); the PLL must make it within 0.5%%")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default build/BOARD)")
+    p.add_argument("--seed", type=int, default=1, metavar="S", help="nextpnr placer seed (default 1)")
+    p.add_argument("--program", action="store_true",
+                   help="write the bitstream to the board with iceprog afterwards")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("sim-board", help="serve the simulated board (the gateware, Verilator) on a TCP port",
+                       description="Compile the accelerator's gateware with Verilator (cached; under a "
+                                   "minute the first time), run it with its UART pins bridged bit by bit "
+                                   "to a TCP port on 127.0.0.1, print the URL to give `mmfree run --port` "
+                                   "as the first line on stdout, and serve until Ctrl-C.")
+    p.add_argument("--port", type=int, default=5555, metavar="N", help="TCP port (default 5555; 0: any free port)")
+    p.add_argument("--lanes", type=int, default=32, choices=(8, 16, 32), help="ternary core lanes (default 32)")
+    p.add_argument("--core", choices=("accelerator", "stub"), default="accelerator",
+                   help="the accelerator core (default) or the link layer's test double (StubCore)")
+    p.set_defaults(func=cmd_sim_board)
     return parser
 
 
