@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup setup-test system-deps demo test bench train bitstream clean
 
 help:
-	@echo "make demo     set up, then generate text with the shipped tiny model (golden model, CPU)"
+	@echo "make demo     set up, then generate text with the shipped tiny model on the simulated board"
 	@echo "make test     set up (venv, torch CPU, Debian packages), then run the whole test suite"
 	@echo "make bench    print benchmark figures (golden-model tokens/s)"
 	@echo "make train    retrain the tiny model into runs/ (TRAIN_ARGS=... for options; see --help)"
@@ -52,8 +52,10 @@ system-deps:
 
 setup-test: $(VENV)/.installed-test system-deps
 
-demo: setup
-	$(VENV)/bin/mmfree generate --model $(MODEL) --max-tokens 200 --temperature 0.7 --seed 2 "$(PROMPT)"
+# The main job: the accelerator's gateware, compiled with Verilator, generates text behind its
+# serial port; the host library loads the model and streams the tokens.
+demo: setup system-deps
+	$(VENV)/bin/mmfree demo --model $(MODEL) --max-tokens 200 --temperature 0.7 --seed 2 "$(PROMPT)"
 
 test: setup-test
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

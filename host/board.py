@@ -222,6 +222,7 @@ class Board:
                 raise LoadFailed(f"the board at {self.url} did not take the model image in "
                                  f"{LOAD_ATTEMPTS} attempts (the last time {failure}); its memory "
                                  "or link is faulty")
+        self.reset()            # LOAD_DONE leaves the recurrent state as it was
         self.model = model
 
     def _upload(self, image: bytes, bar) -> str | None:

@@ -13,6 +13,9 @@ import numpy as np
 __all__ = ["main"]
 
 
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models/shipped/tiny-fortunes/tiny-fortunes.mmf"
+
+
 class CliError(Exception):
     """A usage problem the user can fix; printed as one sentence."""
 
@@ -135,7 +138,9 @@ def cmd_eval(args) -> int:
     return 0 if report.passed or not args.strict else 3
 
 
-def cmd_run(args) -> int:
+def _generate_on_board(url: str, args) -> int:
+    """Load ``args.model`` into the board at ``url``, print the prompt and the generated text as
+    it streams, then one line on stderr with the link's and the device's speed."""
     import time
 
     from mmfree.host.board import Board
@@ -150,7 +155,7 @@ def cmd_run(args) -> int:
     sampler = Sampler(args.temperature, args.seed)
     out = sys.stdout
     try:
-        with Board(args.port, baud=args.baud, timeout=args.timeout) as board:
+        with Board(url, baud=args.baud, timeout=args.timeout) as board:
             info = board.info()
             board.load(qm)
             board.reset_counters()
@@ -177,6 +182,24 @@ def cmd_run(args) -> int:
                  f"{info.clock_hz / 1e6:g} MHz")
     print(line, file=sys.stderr)
     return 0
+
+
+def cmd_run(args) -> int:
+    return _generate_on_board(args.port, args)
+
+
+def cmd_demo(args) -> int:
+    from mmfree.firmware.isa import ICEBREAKER
+    from mmfree.sim.board import SimBoard, SimBoardError, build
+
+    try:
+        built = build(ICEBREAKER, status=lambda text: print(f"[sim-board] {text}", file=sys.stderr))
+        with SimBoard(built) as board:
+            print(f"[sim-board] serving the accelerator at {board.url}; loading {args.model}",
+                  file=sys.stderr)
+            return _generate_on_board(board.url, args)
+    except SimBoardError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_build(args) -> int:
@@ -293,6 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.add_argument("prompt", help="text to start from")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="generate text on the simulated board (the README's main command)",
+                       description="Build the simulated board (the accelerator's gateware compiled with "
+                                   "Verilator; cached after the first time), start it, load the model "
+                                   "into it over its serial link and generate text, then print the "
+                                   "device's cycles per token and the projected tokens/s.")
+    p.add_argument("--model", default=str(SHIPPED_MODEL), metavar="FILE",
+                   help="board model file (default: the shipped tiny-fortunes)")
+    p.add_argument("--baud", type=int, default=DEFAULT_BAUD, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for each reply of the simulated board (default 30)")
+    _add_sampling(p)
+    p.add_argument("prompt", nargs="?", default="Love is", help="text to start from (default 'Love is')")
+    p.set_defaults(func=cmd_demo)
 
     from mmfree.hdl.boards import BOARDS
     p = sub.add_parser("build", help="build (and program) the accelerator's bitstream for a board",

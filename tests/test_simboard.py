@@ -420,3 +420,38 @@ def test_accelerator_speed(acc_build):
     stats = sb.bench(acc_build, 2_000_000)
     print(f"\naccelerator top bench: {stats.format()}")
     assert stats.cycles_per_cpu_second >= MIN_ACC_CYCLES_PER_CPU_S, stats.format()
+
+
+def test_shipped_model_end_to_end(acc_build, capsys):
+    """The issue's end-to-end check on the simulated board, through the host library: for the
+    shipped model, `mmfree run --greedy` prints exactly what `mmfree generate --greedy` prints
+    over 64 tokens, and the board's logits after every token equal the golden model's."""
+    from mmfree.host.board import Board
+    from mmfree.host.cli import SHIPPED_MODEL, main
+    from mmfree.models.boardfile import read_board_model
+    from mmfree.models.golden import IntegerModel
+    from mmfree.models.sampling import encode_prompt
+
+    prompt = "The meaning of life is"
+    assert main(["generate", "--model", str(SHIPPED_MODEL), "--greedy", "--max-tokens", "64", prompt]) == 0
+    want_text = capsys.readouterr().out
+    qm = read_board_model(SHIPPED_MODEL)
+    golden = IntegerModel(qm)
+    with sb.SimBoard(acc_build) as sim:
+        assert main(["run", "--port", sim.url, "--model", str(SHIPPED_MODEL), "--greedy",
+                     "--max-tokens", "64", "--timeout", "30", prompt]) == 0
+        got = capsys.readouterr()
+        assert got.out == want_text
+        print(got.err)
+        # logits, token by token, over the prompt and the generated text
+        tokens = encode_prompt(want_text.rstrip("\n"), 256)
+        with Board(sim.url, timeout=30) as board:
+            board.load(qm, progress=False)
+            state = golden.new_state()
+            for token in tokens:
+                result = board.step(token)
+                want, state = golden.step(token, state)
+                assert np.array_equal(board.logits(), np.asarray(want, dtype=np.int16)), f"token {token}"
+                assert result.next_token == int(np.argmax(want))
+        stats = sim.close()
+    assert (stats.framing_errors, stats.rx_errors, stats.rx_overruns) == (0, 0, 0), stats
