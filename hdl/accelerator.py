@@ -37,7 +37,7 @@ def core_members(hw: HardwareConfig) -> dict:
         "logit_data": Out(signed(16)),
         "model_ok": In(1),
         "vocab_size": Out(16),
-        "header_ok": Out(1),
+        "header_ok": Out(1, init=1),     # init as the link's port; driven from reset on
     }
 
 
@@ -91,8 +91,9 @@ class AcceleratorCore(wiring.Component):
     vocab_size : Out(16)
         The header's vocabulary size V (bytes 8, 9 of the image), registered as those bytes
         are loaded.
-    header_ok : Out(1)
-        The loaded header's fixed bytes are those of an image for ``hw`` (magic, ISA and
+    header_ok : Out(1, init=1)
+        (``init`` as the link's port, which a core without the check leaves at 1.) The loaded
+        header's fixed bytes are those of an image for ``hw`` (magic, ISA and
         arithmetic versions, lanes, configuration hash, reserved zeros) and its layer count is
         1..max_layers; low from reset until such a header is loaded. (The link refuses
         LOAD_DONE without it; sizes beyond the limits cannot come with a matching

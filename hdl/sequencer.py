@@ -9,7 +9,7 @@ cycle count it matches (see :class:`Sequencer`, "Timing", for the documented dif
 
 from __future__ import annotations
 
-from amaranth import C, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import C, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -21,11 +21,38 @@ from mmfree.hdl.rescale import FACTOR_CYCLES_MAX, Rescale
 from mmfree.hdl.rmsnorm import NormApply, NormStats
 from mmfree.hdl.ternary_core import TernaryCore
 
-__all__ = ["StartBeat", "DoneBeat", "CoreUnits", "Sequencer", "START_ALIGN_NOTE"]
+__all__ = ["StartBeat", "DoneBeat", "CoreUnits", "Sequencer", "program_cycles"]
 
-START_ALIGN_NOTE = ("a token starts in a cycle in which the MLGRU unit accepts an element (its "
-                    "free-running 3-cycle phase), so that every token of a model takes the same "
-                    "cycles")
+
+def program_cycles(program, hw: HardwareConfig) -> list[tuple[int, int]]:
+    """``(cycles, core_busy)`` of each instruction of ``program`` (up to its first HALT) on
+    this sequencer: ``firmware.interpreter.CostModel`` plus the differences that
+    :class:`Sequencer` documents (EMBED's multiply on NormApply; TernaryCore's one idle cycle
+    between groups when ``cols <= lanes``; the MLGRU unit's phase). A token takes their sum.
+
+    The MLGRU term: a token's first fetch is the cycle after a cycle ``p0`` in which the MLGRU
+    unit takes elements (its phase 0, every third cycle), so an MLGRU instruction fetched ``T``
+    cycles into the token has its first element ready at ``p0 + T + 8`` (fetch 4, three reads)
+    and waits ``-(T + 8) mod 3 = (1 - T) mod 3`` cycles for the next phase-0 cycle."""
+    from mmfree.firmware.interpreter import CostModel
+    from mmfree.firmware.isa import MLGRU as MLGRUInsn, BitLinear, Embed, Halt
+
+    cm = CostModel.for_hw(hw)
+    out, t = [], 0
+    for insn in program:
+        cycles, busy = cm.cost(insn)
+        if isinstance(insn, Embed):
+            cycles += NormApply.latency - cm.elem
+        elif isinstance(insn, BitLinear):
+            groups = -(-insn.rows // hw.lanes)
+            cycles += (groups - 1) * max(0, hw.lanes + 1 - max(insn.cols, hw.lanes))
+        elif isinstance(insn, MLGRUInsn):
+            cycles += (1 - t) % MLGRU.II
+        out.append((cycles, busy))
+        t += cycles
+        if isinstance(insn, Halt):
+            break
+    return out
 
 
 class StartBeat(data.StructLayout):
@@ -95,8 +122,8 @@ class Sequencer(wiring.Component):
     model_ok : In(1)
     program_addr : In(range(weight_words)), program_length : In(16)
         From the image header: the first instruction's word and the instruction count. At most
-        ``program_length`` instructions run; the token ends at the first HALT (an unknown
-        opcode counts as HALT).
+        ``program_length`` instructions run (and at most ``program_words / 2``); the token ends
+        at the first HALT (an unknown opcode counts as HALT).
     running : Out(1)
         The sequencer owns the weight memory and the scratch read port (not idle).
     w_addr : Out(range(weight_words)), w_data : In(64)
@@ -151,6 +178,8 @@ class Sequencer(wiring.Component):
       first element waits 0..2 cycles for it (the rest follow in lock step). Since every token
       starts aligned to that phase (``start`` waits for it, uncounted), the wait of each MLGRU
       instruction is fixed for a program: each token of a model takes the same cycles.
+
+    :func:`program_cycles` gives every instruction's cycles with these terms.
     """
 
     def __init__(self, hw: HardwareConfig, units: CoreUnits):
@@ -181,6 +210,9 @@ class Sequencer(wiring.Component):
         for name, unit in units.items():
             members[name] = In(unit.signature)
         super().__init__(members)
+        #: high in the first cycle of every instruction fetch (for tests and benches: the
+        #: cycles between two of them are the instruction's cost)
+        self.fetching = Signal()
 
     # ------------------------------------------------------------------ helpers
 
@@ -210,7 +242,8 @@ class Sequencer(wiring.Component):
         op = Signal(4)
         token = Signal(16)
         pc = Signal(range(hw.weight_words))
-        insn_left = Signal(16)
+        max_insns = hw.program_words // 2                # INSN_WORDS per instruction
+        insn_left = Signal(range(max_insns + 1))
         next_token = Signal(16)
         cycles = Signal(32)
         busy = Signal(32)
@@ -257,7 +290,7 @@ class Sequencer(wiring.Component):
         p_j = Signal(range(max_len))
         p_slot = Signal(2)
         p_k1 = Signal(2)                   # reads per element - 1
-        p_n1 = Signal(range(max_len))      # elements - 1
+        p_n = Signal(range(max_len + 1))   # elements
         pend = Signal()
         pend_last = Signal()
         pend_idx = Signal(range(max_len))
@@ -282,13 +315,14 @@ class Sequencer(wiring.Component):
         with m.If(tag_valid & (tag_slot == 1)):
             m.d.sync += hold1.eq(self.s_rd_data)
         start_pass = Signal()              # (re)start a pass at j = 0 next cycle
+        p_j_next = (p_j + 1)[:len(p_n)]
         with m.If(start_pass):
             m.d.sync += [p_active.eq(1), p_j.eq(0), p_slot.eq(0), pend.eq(0)]
         with m.Elif(issue):
             with m.If(slot_last):
-                m.d.sync += [p_slot.eq(0), p_j.eq(p_j + 1), pend.eq(1),
-                             pend_last.eq(p_j == p_n1), pend_idx.eq(p_j)]
-                with m.If(p_j == p_n1):
+                m.d.sync += [p_slot.eq(0), p_j.eq(p_j_next), pend.eq(1),
+                             pend_last.eq(p_j_next == p_n), pend_idx.eq(p_j)]
+                with m.If(p_j_next == p_n):
                     m.d.sync += p_active.eq(0)
             with m.Else():
                 m.d.sync += [p_slot.eq(p_slot + 1), pend.eq(0)]
@@ -328,7 +362,9 @@ class Sequencer(wiring.Component):
         # ---------------------------------------------------------------- EMBED operands
         emb_scale = Signal(16)
         emb_cap = Signal()
-        emb_row = Signal(range(hw.weight_words))     # token · ceil(n / 8), shift-and-add
+        # token · ceil(n / 8) (the row's word offset) as two registered partial sums of
+        # shift-and-add (no multiplier; two short adder trees instead of one long one)
+        emb_row = [Signal(range(hw.weight_words), name=f"emb_row{i}") for i in range(2)]
         with m.If(emb_cap):
             m.d.sync += [emb_scale.eq(wsel16), emb_cap.eq(0)]
 
@@ -381,12 +417,13 @@ class Sequencer(wiring.Component):
         ra_out = Signal(signed(16))
         ra_in = pend & is_op[Op.RESADD]
         shift = F(insn, Op.RESADD, "shift")
+        ra_fits = (ra_sum[15:] == 0) | (ra_sum[15:] == 0b111)     # within int16: no carry chain
         m.d.sync += [
             ra_v.eq(Cat(ra_in, ra_v[:2])),
             ra_t.eq(Cat(C(0, 1), hold0).as_signed() >> shift),
             ra_d.eq(x),
             ra_sum.eq((ra_t + Cat(C(1, 1), ra_d).as_signed()) >> 1),
-            ra_out.eq(Mux(ra_sum > 32767, 32767, Mux(ra_sum < -32768, -32768, ra_sum))),
+            ra_out.eq(Mux(ra_fits, ra_sum[:16], Mux(ra_sum[-1], -32768, 32767))),
         ]
 
         # ---------------------------------------------------------------- ARGMAX
@@ -397,8 +434,8 @@ class Sequencer(wiring.Component):
                 m.d.sync += [best.eq(x), best_idx.eq(pend_idx)]
 
         # ---------------------------------------------------------------- BITLINEAR
-        cols_m1 = Signal(range(hw.max_cols))
-        jmax = Signal(range(max(hw.max_cols, lanes + 1)))
+        cols = Signal(range(hw.max_cols + 1))
+        group_cycles = Signal(range(max(hw.max_cols, lanes + 1) + 1))   # max(cols, lanes + 1)
         rows_left_feed = Signal(range(hw.max_rows))      # rows not yet fed, minus 1
         d_left = Signal(range(hw.max_rows + 1))          # sums not yet drained
         d_i = Signal(range(lanes))
@@ -410,7 +447,8 @@ class Sequencer(wiring.Component):
         tload = Signal()
         feed_started = Signal()
         feed_active = Signal()
-        f_j = Signal.like(jmax)
+        f_j = Signal.like(group_cycles)
+        f_j_next = (f_j + 1)[:len(f_j)]
         cols_done = Signal()
         beat_v = Signal()
         beat_first = Signal()
@@ -456,17 +494,17 @@ class Sequencer(wiring.Component):
         m.d.comb += col_issue.eq(feed_go & ~cols_done)
         last_group = (rows_left_feed >> lane_bits) == 0
         m.d.comb += act_rd.addr.eq(f_j)
-        m.d.sync += [beat_v.eq(col_issue), beat_first.eq(f_j == 0), beat_last.eq(f_j == cols_m1)]
+        m.d.sync += [beat_v.eq(col_issue), beat_first.eq(f_j == 0), beat_last.eq(f_j_next == cols)]
         with m.If(feed_go):
             m.d.sync += [feed_started.eq(1), feed_active.eq(1)]
-            with m.If(col_issue & (f_j == cols_m1)):
+            with m.If(col_issue & (f_j_next == cols)):
                 m.d.sync += cols_done.eq(1)
-            with m.If(f_j == jmax):
+            with m.If(f_j_next == group_cycles):
                 m.d.sync += [f_j.eq(0), cols_done.eq(0), rows_left_feed.eq(rows_left_feed - lanes)]
                 with m.If(last_group):
                     m.d.sync += feed_active.eq(0)
             with m.Else():
-                m.d.sync += f_j.eq(f_j + 1)
+                m.d.sync += f_j.eq(f_j_next)
         m.d.comb += [
             core.i_stream.valid.eq(beat_v),
             core.i_stream.p.trits.eq(trits),
@@ -569,14 +607,19 @@ class Sequencer(wiring.Component):
                          act_full.eq(0), a_cnt.eq(0), tload.eq(0), feed_started.eq(0),
                          feed_active.eq(0), f_j.eq(0), cols_done.eq(0), d_i.eq(0), pend.eq(0),
                          p_slot.eq(0), p_j.eq(0), p_active.eq(0)]
+            n_dec = Signal.like(p_n)       # the op's element count (BITLINEAR: cols)
             with m.Switch(new_op):
                 for o, name in n_field.items():
                     with m.Case(o):
-                        n = F(insn, o, name)
-                        m.d.sync += p_n1.eq(n - 1)
+                        m.d.comb += n_dec.eq(F(insn, o, name))
+            n = n_dec
+            rows = F(insn, Op.BITLINEAR, "rows")
+            m.d.sync += [p_n.eq(n), out_left.eq(Mux(new_op == Op.BITLINEAR, rows, n))]
+            with m.Switch(new_op):
+                for o in n_field:
+                    with m.Case(o):
                         if o in out_field:
-                            m.d.sync += [out_left.eq(F(insn, o, out_field[o])),
-                                         wr_ptr.eq(F(insn, o, "dst"))]
+                            m.d.sync += wr_ptr.eq(F(insn, o, "dst"))
                         for i, bname in enumerate(bases.get(o, [])):
                             m.d.sync += b[i].eq(F(insn, o, bname))
                         m.d.sync += p_k1.eq(max(len(bases.get(o, [None])) - 1, 0))
@@ -584,18 +627,21 @@ class Sequencer(wiring.Component):
                             m.d.sync += p_active.eq(1)
                         if o == Op.EMBED:
                             tok = token[:max(hw.max_vocab - 1, 1).bit_length()]
-                            rw = ((n + 7) >> 3)[:max(hw.max_d // 8 + 1, 1).bit_length()]
-                            prod = sum((Mux(rw[k], tok << k, 0) for k in range(len(rw))), C(0, 1))
-                            m.d.sync += [emb_row.eq(prod), wmode.eq(_W16), wslot.eq(token[:2]),
+                            n_e = F(insn, o, "n")
+                            rw = ((n_e + 7) >> 3)[:max(hw.max_d // 8 + 1, 1).bit_length()]
+                            half = (len(rw) + 1) // 2
+                            for i, bits in enumerate((range(half), range(half, len(rw)))):
+                                m.d.sync += emb_row[i].eq(
+                                    sum((Mux(rw[k], tok << k, 0) for k in bits), C(0, 1)))
+                            m.d.sync += [wmode.eq(_W16), wslot.eq(token[:2]),
                                          wptr.eq(F(insn, o, "scale_addr") + token[2:])]
                         if o == Op.BITLINEAR:
-                            rows = F(insn, o, "rows")
+                            c = F(insn, o, "cols")
                             m.d.sync += [wptr.eq(F(insn, o, "g_addr")), wslot.eq(0), wmode.eq(_W16),
-                                         cols_m1.eq(n - 1),
-                                         jmax.eq(Mux(n > lanes, n - 1, lanes)),
+                                         cols.eq(c), group_cycles.eq(Mux(c > lanes, c, lanes + 1)),
                                          rows_left_feed.eq(rows - 1), d_left.eq(rows),
-                                         fwait_init.eq(Mux(n < FACTOR_CYCLES_MAX - 4,
-                                                           FACTOR_CYCLES_MAX - 4 - n, 0))]
+                                         fwait_init.eq(Mux(c < FACTOR_CYCLES_MAX - 4,
+                                                           FACTOR_CYCLES_MAX - 4 - c, 0))]
                         if o == Op.MLGRU:
                             m.d.sync += [wptr.eq(F(insn, o, "lb_addr")), wslot.eq(0), wmode.eq(_W16)]
 
@@ -604,7 +650,9 @@ class Sequencer(wiring.Component):
                 m.d.comb += self.start.ready.eq(self.model_ok)
                 with m.If(self.start.valid & self.model_ok):
                     m.d.sync += [token.eq(self.start.p.token), pc.eq(self.program_addr),
-                                 insn_left.eq(self.program_length), next_token.eq(0),
+                                 insn_left.eq(Mux(self.program_length > max_insns, max_insns,
+                                                  self.program_length)),
+                                 next_token.eq(0),
                                  cycles.eq(0), busy.eq(0)]
                     m.next = "ALIGN"
             with m.State("ALIGN"):
@@ -614,7 +662,7 @@ class Sequencer(wiring.Component):
                     m.d.sync += counting.eq(1)
                     m.next = "FETCH0"
             with m.State("FETCH0"):
-                m.d.comb += fetch_addr.eq(1)
+                m.d.comb += [fetch_addr.eq(1), self.fetching.eq(1)]
                 m.d.sync += pc.eq(pc + 1)
                 m.next = "FETCH1"
             with m.State("FETCH1"):
@@ -639,7 +687,8 @@ class Sequencer(wiring.Component):
                         with m.If(~phase):              # t = 0: the row scale's word is read
                             m.d.comb += start_pass.eq(1)
                             m.d.sync += [phase.eq(1), emb_cap.eq(1), wmode.eq(_W8), wslot.eq(0),
-                                         wptr.eq(F(insn, Op.EMBED, "table_addr") + emb_row)]
+                                         wptr.eq(F(insn, Op.EMBED, "table_addr")
+                                                 + emb_row[0] + emb_row[1])]
                     with m.Case(Op.NORM):
                         with m.If(~phase & stats_ok):  # statistics moved in: the apply pass
                             m.d.comb += start_pass.eq(1)
