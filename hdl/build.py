@@ -45,7 +45,7 @@ from pathlib import Path
 
 from mmfree.firmware.isa import HardwareConfig
 from mmfree.hdl.boards import BoardSpec, get_board
-from mmfree.hdl.synth import _critical_path, _synth_commands, _tool_command
+from mmfree.hdl.synth import _critical_path, _synth_commands, _tail, _tool_command
 
 __all__ = ["BuildError", "BuildReport", "build_bitstream", "program_bitstream", "RESOURCE_NAMES"]
 
@@ -59,7 +59,6 @@ RESOURCE_NAMES = {
 # yosys cell type (after synth_ice40) → the nextpnr type it becomes one for one
 _YOSYS_TO_NEXTPNR = {"SB_MAC16": "ICESTORM_DSP", "SB_RAM40_4K": "ICESTORM_RAM",
                      "SB_SPRAM256KA": "ICESTORM_SPRAM"}
-_LOG_TAIL_LINES = 25
 _BLOCKS_SHOWN = 20
 _BLOCK_DEPTH = 3            # design.core.<unit>
 _UTIL_LINE = re.compile(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%")
@@ -176,14 +175,6 @@ class BuildReport:
             + f" (total {self.total_s:.0f} s)",
         ]
         return "\n".join(lines) + "\n"
-
-
-def _tail(*logs: Path) -> str:
-    lines = []
-    for log in logs:
-        if log.exists() and log.stat().st_size:
-            lines += log.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
-    return "\n".join(lines) if lines else "(the tool wrote no log)"
 
 
 def _run(tool: str, command: list[str], cwd: Path, log: Path, timeout_s: float) -> tuple[int, float]:

@@ -88,20 +88,9 @@ def pll_params(f_in_hz: float, f_out_hz: float, *, tolerance: float = PLL_TOLERA
     if not want > 0:
         raise ValueError(f"the requested PLL output must be a positive frequency, not {f_out_hz!r}")
     best = None
-    for divr in range(_DIVR_MAX + 1):
-        f_pfd = f_in / (divr + 1)
-        if not PLL_LIMITS_HZ["f_pfd"][0] <= f_pfd <= PLL_LIMITS_HZ["f_pfd"][1]:
-            continue
-        for divf in range(_DIVF_MAX + 1):
-            f_vco = f_pfd * (divf + 1)
-            if not PLL_LIMITS_HZ["f_vco"][0] <= f_vco <= PLL_LIMITS_HZ["f_vco"][1]:
-                continue
-            for divq in _DIVQ_RANGE:
-                f_out = f_vco / 2 ** divq
-                if not PLL_LIMITS_HZ["f_out"][0] <= f_out <= PLL_LIMITS_HZ["f_out"][1]:
-                    continue
-                if best is None or abs(f_out - want) < abs(best[3] - want):
-                    best = (divr, divf, divq, f_out, f_pfd, f_vco)
+    for setting in _settings(f_in):                 # icepll's order: the first closest one wins
+        if best is None or abs(setting[3] - want) < abs(best[3] - want):
+            best = setting
     lo, hi = PLL_LIMITS_HZ["f_out"]
     if best is None:        # cannot happen within the input range; kept for a clear message
         raise ValueError(f"the iCE40 PLL has no setting for a {float(f_in) / 1e6:g} MHz reference")
@@ -123,19 +112,26 @@ def pll_params(f_in_hz: float, f_out_hz: float, *, tolerance: float = PLL_TOLERA
                      f_in_hz=f_in, f_pfd_hz=f_pfd, f_vco_hz=f_vco, f_out_hz=f_out)
 
 
-def _outputs(f_in: Fraction) -> set:
-    """Every in-range output frequency of the PLL from ``f_in``."""
-    out = set()
+def _settings(f_in: Fraction):
+    """Every in-range PLL setting from ``f_in``, in icepll's search order:
+    (divr, divf, divq, f_out, f_pfd, f_vco)."""
     for divr in range(_DIVR_MAX + 1):
         f_pfd = f_in / (divr + 1)
         if not PLL_LIMITS_HZ["f_pfd"][0] <= f_pfd <= PLL_LIMITS_HZ["f_pfd"][1]:
             continue
         for divf in range(_DIVF_MAX + 1):
             f_vco = f_pfd * (divf + 1)
-            if PLL_LIMITS_HZ["f_vco"][0] <= f_vco <= PLL_LIMITS_HZ["f_vco"][1]:
-                out |= {f_vco / 2 ** q for q in _DIVQ_RANGE
-                        if PLL_LIMITS_HZ["f_out"][0] <= f_vco / 2 ** q <= PLL_LIMITS_HZ["f_out"][1]}
-    return out
+            if not PLL_LIMITS_HZ["f_vco"][0] <= f_vco <= PLL_LIMITS_HZ["f_vco"][1]:
+                continue
+            for divq in _DIVQ_RANGE:
+                f_out = f_vco / 2 ** divq
+                if PLL_LIMITS_HZ["f_out"][0] <= f_out <= PLL_LIMITS_HZ["f_out"][1]:
+                    yield divr, divf, divq, f_out, f_pfd, f_vco
+
+
+def _outputs(f_in: Fraction) -> set:
+    """Every in-range output frequency of the PLL from ``f_in``."""
+    return {setting[3] for setting in _settings(f_in)}
 
 
 def snap_clock(hw: HardwareConfig) -> HardwareConfig:
