@@ -161,9 +161,10 @@ def fits(qm: QuantizedModel, hw: HardwareConfig = ICEBREAKER) -> str | None:
             return (f"the model's {what} = {have:,} exceeds this bitstream's {name} = {limit:,} "
                     f"by {have - limit:,}")
     need = ScratchMap.for_dims(d, inter, V).words
-    if need > hw.scratch_words:
-        return (f"the model needs {need:,} words of scratch memory; this bitstream has "
-                f"{hw.scratch_words:,} ({need - hw.scratch_words:,} words too many)")
+    if need > hw.program_scratch_words:
+        return (f"the model needs {need:,} words of scratch memory; this bitstream leaves programs "
+                f"{hw.program_scratch_words:,} of its {hw.scratch_words:,} ({need - hw.program_scratch_words:,} "
+                f"words too many)")
     need = program_length(L) * INSN_WORDS
     if need > hw.program_words:
         return (f"the model's program needs {need:,} words; this bitstream's sequencer addresses "

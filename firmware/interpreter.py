@@ -8,9 +8,10 @@ sequencer reads them from weight memory. Its logits equal
 :class:`~mmfree.models.golden.IntegerModel`'s bit for bit (tests/test_firmware.py), which
 proves the instruction set, the image layout and the program generator together.
 
-:class:`CostModel` counts the cycles of each instruction on the v1 sequencer (one instruction
-at a time, units as documented in hdl/); docs/isa.md states the formulas. Costs depend on
-the instruction's operands only, so every token of a model costs the same.
+:class:`CostModel` counts the cycles of each instruction on the accelerator core exactly (one
+instruction at a time, as the sub-passes of ``firmware.valu.MICROCODE``); docs/isa.md states
+the formulas. Costs depend on the instruction's operands only, so every token of a model costs
+the same.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from mmfree.models import arith
 
 from .image import DeviceImage, ImageError, check_image
+from .valu import MICROCODE, Reduce
 from .isa import (ICEBREAKER, INSN_WORDS, WORD_BYTES, GLU, MLGRU, ArgMax, BitLinear, Embed,
                   HardwareConfig, Halt, Instruction, Norm, ResAdd, decode_program, row_words,
                   trit_words, vector_words)
@@ -40,71 +42,84 @@ class ExecutionError(RuntimeError):
 
 @dataclass(frozen=True)
 class CostModel:
-    """Cycle counts of the v1 sequencer, which runs one instruction at a time.
+    """Exact cycle counts of the accelerator core (hdl/sequencer.py), which runs one
+    instruction at a time as the sub-passes of ``firmware.valu.MICROCODE``.
 
     Unit latencies are those the units in hdl/ document (tests/test_firmware.py checks them
-    against the units); the rest are the sequencer's own assumptions:
+    against the units): ``valu`` (VALU: element in -> result out), ``stats`` (NormStats: last
+    element -> (mant, e)), ``scalars`` (BitLinearScalars' worst case, which the sequencer always
+    waits so that costs depend on operands only). The rest is the sequencer's schedule:
 
-    ``fetch``: read the instruction's two weight words (registered SPRAM reads) and decode;
-    ``mem``: a registered memory read (the first element of a pass arrives one cycle after its
-    address); ``write``: the last result into scratch. The scratch memory has one read and one
-    write port (an iCE40 EBR), so an element-wise instruction with k input vectors reads for
-    k cycles per element.
+    * every instruction: ``fetch`` = 4 cycles (two registered weight-memory reads, decode);
+      EMBED 2 more for its row scale;
+    * a VALU sub-pass of n elements: 1 (start) + n (one element per cycle; the scratch memory
+      has two read ports) + ``operand`` (the register in front of the VALU) + ``valu`` + 2 (the
+      results go straight from the VALU into scratch, the state or the activation buffer);
+    * a statistics pass (NORM): 1 + n + ``stats`` + 2; BITLINEAR's statistics-and-absmax pass:
+      1 + n + max(stats, operand + valu) + ``scalars`` + 3; ARGMAX: 1 + n + 2;
+    * BITLINEAR's core phase: G = ceil(rows / lanes) row groups of ``cols`` columns, one column
+      per cycle, started ``max(cols, lanes + 1)`` cycles apart (a group's sums drain through the
+      VALU one per cycle while the next accumulates); group 0 starts ``operand + valu + 2``
+      cycles into the "act" pass, so the drain sub-pass after it takes
+      1 + (G - 1)·max(cols, lanes + 1) + last_rows + ``operand`` + ``valu`` + 2.
     """
     lanes: int
-    stats: int                  # NormStats: last element -> (mant, e)
-    rescale: int                # Rescale element latency
+    stats: int
+    valu: int = 6
+    scalars: int = 112
+    operand: int = 1            # the sequencer's operand register in front of the VALU
     fetch: int = 4
-    mem: int = 1
-    write: int = 1
-    stats_move: int = 1         # RMSNorm: statistics into the apply parameters
-    apply: int = 8              # NormApply latency
-    quant: int = 49             # Quantizer: last element accepted -> first activation valid
-    core: int = 2               # TernaryCore: last column -> sums valid
-    factor: int = 87            # Rescale: parameter beat -> factor ready (FACTOR_CYCLES_MAX)
-    mlgru_ii: int = 3           # MLGRU: cycles per element (also its 3 scratch reads)
-    mlgru: int = 26             # MLGRU latency
-    glu: int = 10               # GLU latency
-    elem: int = 3               # EMBED / RESADD element pipelines: multiply or add, round, saturate
+    embed_scale: int = 2
 
     @classmethod
     def for_hw(cls, hw: HardwareConfig) -> "CostModel":
         """The units sized for ``hw``: one NormStats for vectors up to ``max_cols``
-        (``ss_width = bitlen(max_cols · 2**30)``, latency ``ss_width + 59``) and accumulators of
-        ``bitlen(127 · max_cols) + 1`` bits (Rescale latency 7 up to 17 bits, else 8)."""
+        (``ss_width = bitlen(max_cols · 2**30)``, latency ``max(ss_width, 34) + 84``)."""
         ss_width = (hw.max_cols << 30).bit_length()
-        acc_width = (127 * hw.max_cols).bit_length() + 1
-        return cls(lanes=hw.lanes, stats=ss_width + 59, rescale=7 if acc_width <= 17 else 8)
+        return cls(lanes=hw.lanes, stats=max(ss_width, 34) + 84)
+
+    def sub_pass(self, sp, n: int) -> int:
+        """Cycles of one sub-pass of ``n`` elements (not BITLINEAR's core phase)."""
+        if sp.reduce == Reduce.STATS_ABSMAX:
+            return 1 + n + max(self.stats, self.operand + self.valu) + self.scalars + 3
+        if sp.reduce == Reduce.STATS:
+            return 1 + n + self.stats + 2
+        if not sp.valu:
+            return 1 + n + 2
+        return 1 + n + self.operand + self.valu + 2
+
+    def core_phase(self, rows: int, cols: int) -> int:
+        """The drain sub-pass: from its start to its last result, the core having started
+        ``valu + 2`` cycles into the "act" pass before it."""
+        groups = -(-rows // self.lanes)
+        last_rows = rows - (groups - 1) * self.lanes
+        return 1 + (groups - 1) * max(cols, self.lanes + 1) + last_rows + self.operand + self.valu + 2
 
     def cost(self, insn: Instruction) -> tuple[int, int]:
         """``(cycles, core_busy)`` of one instruction: cycles from its fetch to the fetch of the
         next one, and the cycles in which the ternary core takes a column."""
-        f, m, w = self.fetch, self.mem, self.write
         if isinstance(insn, Halt):
-            return f, 0
-        if isinstance(insn, Embed):
-            return f + m + m + insn.n + self.elem + w, 0        # row scale, then the row
-        if isinstance(insn, Norm):
-            n = insn.n
-            return f + (m + n) + self.stats + self.stats_move + (m + n) + self.apply + w, 0
-        if isinstance(insn, BitLinear):
-            c, r, lanes = insn.cols, insn.rows, self.lanes
-            groups = -(-r // lanes)
-            t_act = m + c + self.quant + c                      # x -> stats and quantizer; A buffer full
-            t_first = max(t_act + m + c + self.core,            # row group 0 accumulated
-                          m + c + self.stats + self.factor)     # rescale factor ready
-            t_last = t_first + (groups - 1) * max(c, lanes)     # group k drains while k+1 accumulates
-            last_rows = r - (groups - 1) * lanes
-            return f + t_last + last_rows + self.rescale + w, groups * c
-        if isinstance(insn, MLGRU):
-            return f + m + self.mlgru_ii * insn.n + self.mlgru + w, 0
-        if isinstance(insn, GLU):
-            return f + m + 2 * insn.n + self.glu + w, 0
-        if isinstance(insn, ResAdd):
-            return f + m + 2 * insn.n + self.elem + w, 0
+            return self.fetch, 0
         if isinstance(insn, ArgMax):
-            return f + m + insn.n + 1, 0
-        raise TypeError(f"no cost for {insn!r}")
+            return self.fetch + 1 + insn.n + 2, 0
+        name = _MICROCODE_NAME.get(type(insn))
+        if name is None:
+            raise TypeError(f"no cost for {insn!r}")
+        cycles = self.fetch + (self.embed_scale if isinstance(insn, Embed) else 0)
+        busy = 0
+        for sp in MICROCODE[name]:
+            if sp.cond_lb and not insn.has_lb:
+                cycles += 1                              # the skipped sub-pass's start cycle
+            elif sp.name == "drain":
+                cycles += self.core_phase(insn.rows, insn.cols)
+                busy = -(-insn.rows // self.lanes) * insn.cols
+            else:
+                cycles += self.sub_pass(sp, insn.cols if isinstance(insn, BitLinear) else insn.n)
+        return cycles, busy
+
+
+_MICROCODE_NAME = {Embed: "EMBED", Norm: "NORM", BitLinear: "BITLINEAR", MLGRU: "MLGRU",
+                   GLU: "GLU", ResAdd: "RESADD"}
 
 
 class InstructionCost(NamedTuple):

@@ -36,6 +36,8 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from .valu import TEMP_VECTORS
+
 __all__ = [
     "ISA_VERSION", "WORD_BITS", "WORD_BYTES", "INSN_BITS", "INSN_WORDS", "OP_BITS",
     "HardwareConfig", "ICEBREAKER", "Op", "FieldSpec", "instruction_layout", "format_layout",
@@ -83,7 +85,7 @@ class HardwareConfig:
     the hash it was built for, and a bitstream refuses an image of another one.
     """
 
-    lanes: int = 32
+    lanes: int = 16
     max_d: int = 128
     max_inter: int = 256
     max_vocab: int = 256
@@ -111,6 +113,10 @@ class HardwareConfig:
         if self.weight_words > 1 << 29:
             raise ValueError(f"HardwareConfig.weight_words must be at most 2**29 (the image length "
                              f"is a 32-bit byte count), not {self.weight_words}")
+        if self.program_scratch_words < 1:
+            raise ValueError(f"HardwareConfig.scratch_words = {self.scratch_words} leaves no scratch "
+                             f"for programs beside the core's {self.temp_words} words of temporary "
+                             f"vectors ({TEMP_VECTORS} x max(max_d, max_inter))")
         if self.program_words < INSN_WORDS:
             raise ValueError(f"HardwareConfig.program_words must hold at least one instruction "
                              f"({INSN_WORDS} words), not {self.program_words}")
@@ -123,6 +129,23 @@ class HardwareConfig:
     def max_cols(self) -> int:
         """Longest BITLINEAR input (and norm statistics input): ``max(max_d, max_inter)``."""
         return max(self.max_d, self.max_inter)
+
+    @property
+    def temp_words(self) -> int:
+        """Scratch words at the top of scratch that the core's microcode uses for its temporary
+        vectors (``firmware.valu.TEMP_VECTORS`` of ``max_cols`` words); programs keep out."""
+        return TEMP_VECTORS * self.max_cols
+
+    @property
+    def program_scratch_words(self) -> int:
+        """Scratch words a program may use: ``scratch_words - temp_words``."""
+        return self.scratch_words - self.temp_words
+
+    def temp_base(self, k: int) -> int:
+        """First scratch word of the microcode's temporary vector ``k`` (1..TEMP_VECTORS)."""
+        if not 1 <= k <= TEMP_VECTORS:
+            raise ValueError(f"temporary vectors are 1..{TEMP_VECTORS}, not {k}")
+        return self.program_scratch_words + (k - 1) * self.max_cols
 
     @property
     def max_rows(self) -> int:
@@ -599,4 +622,5 @@ class ImageHeader:
 assert HEADER_BYTES % WORD_BYTES == 0 and set(HEADER_FIELDS) >= {"magic"}
 
 ICEBREAKER = HardwareConfig()
-"""The iCEBreaker (iCE40UP5K) build: 32 lanes, four SPRAMs of weight memory, 24 MHz, 3 Mbaud."""
+"""The iCEBreaker (iCE40UP5K) build: 16 lanes (32 do not fit the UP5K's logic cells beside the
+rest; docs/bitstream.md), four SPRAMs of weight memory, 24 MHz, 3 Mbaud."""

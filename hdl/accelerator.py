@@ -1,5 +1,6 @@
-"""The accelerator core: weight and scratch memories, one of each datapath unit and the
-sequencer that runs the device image's program, behind the ports the host link drives."""
+"""The accelerator core (v2): weight and scratch memories, the element ALU, the norm statistics,
+the BitLinear scalars, the ternary core and the sequencer that runs the device image's program
+on them, behind the ports the host link drives."""
 
 from __future__ import annotations
 
@@ -102,11 +103,13 @@ class AcceleratorCore(wiring.Component):
     Structure
     ---------
     :class:`~mmfree.hdl.memory.WeightMemory` (64-bit words; the sequencer reads, ``load``
-    writes), :class:`~mmfree.hdl.memory.ScratchMemory` (int16; the sequencer reads and writes,
-    ``logit_addr`` reads while idle), :class:`~mmfree.hdl.sequencer.CoreUnits` (one NormStats,
-    NormApply, Quantizer, TernaryCore, Rescale, MLGRU, GLU) and the
-    :class:`~mmfree.hdl.sequencer.Sequencer` (timing and differences from the firmware's cost
-    model documented there).
+    writes), :class:`~mmfree.hdl.memory.ScratchMemory` (int16, two read ports; the sequencer
+    reads and writes, ``logit_addr`` reads port X while idle),
+    :class:`~mmfree.hdl.sequencer.CoreUnits` (the element ALU
+    :class:`~mmfree.hdl.valu.VALU`, NormStats, BitLinearScalars, a serial-output TernaryCore)
+    and the :class:`~mmfree.hdl.sequencer.Sequencer`, which runs every macro-op as the
+    sub-passes of ``firmware.valu.MICROCODE`` (cycles: ``firmware.interpreter.CostModel``,
+    exactly).
     """
 
     def __init__(self, hw: HardwareConfig, *, spram: bool = False):
@@ -182,12 +185,13 @@ class AcceleratorCore(wiring.Component):
             # a load at address 0 starts a new image: its header is checked afresh
             m.d.sync += header_bad.eq(Mux(load.p.addr == 0, mismatch, header_bad | mismatch))
 
-        # ---- scratch memory: the sequencer's while it runs, else the logit reads
+        # ---- scratch memory: the sequencer's while it runs, else port X serves the logit reads
         m.d.comb += [
-            smem.rd_addr.eq(Mux(seq.running, seq.s_rd_addr, logits_addr + self.logit_addr)),
-            smem.rd_en.eq(Mux(seq.running, seq.s_rd_en, 1)),
-            seq.s_rd_data.eq(smem.rd_data),
-            self.logit_data.eq(smem.rd_data),
+            smem.x_addr.eq(Mux(seq.running, seq.x_addr, logits_addr + self.logit_addr)),
+            smem.y_addr.eq(seq.y_addr),
+            seq.x_data.eq(smem.x_data),
+            seq.y_data.eq(smem.y_data),
+            self.logit_data.eq(smem.x_data),
             smem.wr_en.eq(seq.s_wr_en),
             smem.wr_addr.eq(seq.s_wr_addr),
             smem.wr_data.eq(seq.s_wr_data),

@@ -33,8 +33,9 @@ LOAD_DONE_LEN = struct.calcsize(P.LOAD_DONE_FORMAT)
 TOKEN_REQUEST_LEN = struct.calcsize(P.TOKEN_REQUEST_FORMAT)
 TOKEN_REPLY_LEN = struct.calcsize(P.TOKEN_REPLY_FORMAT)
 ERROR_REPLY_LEN = 2                                 # error code u8, offending opcode u8
-INFO_BASE = BODY_MAX                                # INFO bytes live in the buffer memory, above the body
-CAPTURED = 8                                        # payload bytes also captured in registers
+BUF_DEPTH = 512                                     # the receive buffer: one EBR (512 x 8)
+N_ORIGIN = LOAD_DATA_START + 2                      # see LinkLayer.elaborate (n)
+INFO_BASE = 448                                     # INFO bytes live in the buffer, above the body
 
 CRC16_POLY, CRC16_INIT = 0x1021, 0xFFFF             # CRC-16/CCITT-FALSE (protocol.crc16)
 CRC32_POLY_REFLECTED, CRC32_INIT = 0xEDB88320, 0xFFFFFFFF   # CRC-32/ISO-HDLC (zlib.crc32)
@@ -119,18 +120,19 @@ def connect_core(m: Module, link, core) -> None:
 # --------------------------------------------------------------------------- building blocks
 
 class SerialCRC(wiring.Component):
-    """Bit-serial CRC over bytes (one bit per cycle: a handful of LUTs instead of a byte-wide
-    XOR network; the link has ~10 cycles per UART bit to spare).
+    """Byte-wise CRC over bytes, table-driven: the 256-entry table is a ROM in block RAM (one
+    EBR for a CRC-16, two for a CRC-32; EBRs are plentiful, logic cells are not), so the logic
+    is one LUT per register bit plus the 8 XORs of the table index.
 
     Parameters: ``width``, ``poly`` (normal form for MSB-first CRCs, reflected form for
     LSB-first ones), ``init``, ``reflected`` (bits enter LSB first, the register shifts right).
     :meth:`crc16` and :meth:`crc32` make the two CRCs of the protocol.
 
-    Ports: ``i_stream`` (In, 8 bits): one byte per transfer; ``ready`` is low for the 8 cycles
-    after a transfer, so a byte is absorbed every 9 cycles at most. ``crc`` (Out(width)): the
-    CRC register, no final XOR (zlib.crc32 = ``crc ^ 0xFFFFFFFF``), final when ``ready`` is high.
-    ``clear`` (In(1)): load ``init`` (takes effect at the next edge; use it while idle and not
-    feeding).
+    Ports: ``i_stream`` (In, 8 bits): one byte per transfer; ``ready`` is low for the cycle
+    after a transfer (the table read), so a byte is absorbed every 2 cycles at most. ``crc``
+    (Out(width)): the CRC register, no final XOR (zlib.crc32 = ``crc ^ 0xFFFFFFFF``), final
+    when ``ready`` is high. ``clear`` (In(1)): load ``init`` (takes effect at the next edge;
+    use it while idle and not feeding).
     """
 
     def __init__(self, width: int, poly: int, init: int, reflected: bool):
@@ -151,24 +153,43 @@ class SerialCRC(wiring.Component):
         """CRC-32/ISO-HDLC register (zlib.crc32 before its final XOR)."""
         return cls(32, CRC32_POLY_REFLECTED, CRC32_INIT, reflected=True)
 
+    def _byte_step(self, crc: int, byte: int) -> int:
+        """The CRC register after absorbing ``byte`` (Python, bit by bit)."""
+        w, mask = self.width, (1 << self.width) - 1
+        for k in range(8):
+            if self.reflected:
+                fb = (crc ^ (byte >> k)) & 1
+                crc = (crc >> 1) ^ (self.poly if fb else 0)
+            else:
+                fb = (crc >> (w - 1) ^ byte >> (7 - k)) & 1
+                crc = ((crc << 1) & mask) ^ (self.poly if fb else 0)
+        return crc
+
     def elaborate(self, platform):
         m = Module()
-        w, crc = self.width, self.crc
-        byte = Signal(8)
-        left = Signal(range(9))         # bits of ``byte`` still to absorb
-        m.d.comb += self.i_stream.ready.eq(left == 0)
+        w, init = self.width, self.init
+        # The register holds crc ^ init, so that it resets to 0 (an iCE40 flip-flop powers up
+        # and resets to 0). The update is affine, so with x = crc ^ init:
+        #   MSB first: x' = (x << 8) ^ G[x[w-8:] ^ byte],  G[k] = step(init ^ k << (w-8), 0) ^ init
+        #   LSB first: x' = (x >> 8) ^ G[x[:8] ^ byte],     G[k] = step(init ^ k, 0) ^ init
+        # (the constants of init fold into the table).
+        x = Signal(w)
+        m.d.comb += self.crc.eq(x ^ init)
         if self.reflected:
-            feedback = crc[0] ^ byte[0]
-            step = [crc.eq((crc >> 1) ^ Mux(feedback, self.poly, 0)), byte.eq(byte >> 1)]
+            table = [self._byte_step(init ^ k, 0) ^ init for k in range(256)]
+            top, rest = x[:8], x >> 8
         else:
-            feedback = crc[w - 1] ^ byte[7]
-            step = [crc.eq((crc << 1)[:w] ^ Mux(feedback, self.poly, 0)), byte.eq(byte << 1)]
+            table = [self._byte_step(init ^ (k << (w - 8)), 0) ^ init for k in range(256)]
+            top, rest = x[w - 8:], (x << 8)[:w]
+        m.submodules.table = rom = Memory(shape=w, depth=256, init=table)
+        rd = rom.read_port()
+        pending = Signal()              # the table entry of the byte just taken is being read
+        m.d.comb += [self.i_stream.ready.eq(~pending), rd.addr.eq(top ^ self.i_stream.payload)]
+        m.d.sync += pending.eq(self.i_stream.valid & ~pending & ~self.clear)
         with m.If(self.clear):
-            m.d.sync += crc.eq(self.init)
-        with m.Elif(self.i_stream.valid & self.i_stream.ready):
-            m.d.sync += [byte.eq(self.i_stream.payload), left.eq(8)]
-        with m.Elif(left != 0):
-            m.d.sync += step + [left.eq(left - 1)]
+            m.d.sync += x.eq(0)
+        with m.Elif(pending):
+            m.d.sync += x.eq(rest ^ rd.data)
         return m
 
 
@@ -263,8 +284,30 @@ class SlipEncoder(wiring.Component):
 
 # --------------------------------------------------------------------------- the link layer
 
+def _lt_const(x, c: int):
+    """``x < c`` for an unsigned value and a constant, as plain logic (a comparator on the
+    carry chain costs a logic cell per bit; against a constant a few LUTs do)."""
+    if c <= 0:
+        return C(0, 1)
+    result = C(0, 1)
+    for i in range(len(x)):                     # LSB first: result = x[:i+1] < c[:i+1]
+        if c >> i & 1:
+            result = ~x[i] | result
+        else:
+            result = ~x[i] & result
+    if c >= 1 << len(x):
+        return C(1, 1)
+    return result
+
+
+def _in_range(x, lo: int, hi: int):
+    """``lo <= x <= hi`` for an unsigned value and constants."""
+    return ~_lt_const(x, lo) & _lt_const(x, hi + 1)
+
+
 # reply kinds: where a reply's payload bytes come from
-_ERROR, _EMPTY, _INFO, _LOAD, _TOKEN, _LOGITS = range(6)
+# (_REG: from the shift register R, LOAD and TOKEN, and the empty replies)
+_ERROR, _INFO, _REG, _LOGITS = range(4)
 # reply phases
 _OP, _PAY, _CRC0, _CRC1 = range(4)
 
@@ -318,7 +361,7 @@ class LinkLayer(wiring.Component):
     are also kept in registers. Every END ends a frame; an empty frame is ignored; any other
     frame, including garbage before a frame and a frame cut short by the next frame's leading
     END, gets exactly one reply. The receiver then listens again, so it resynchronizes on the
-    next END. The link accepts a byte at most every 9 cycles (the bit-serial CRC). It keeps
+    next END. The link accepts a byte at most every 2 cycles (the table-driven CRC). It keeps
     receiving while an error reply goes out (the frame after garbage or a truncated frame is
     already on its way; it is answered once that error reply is out), but not while it
     executes a command or sends any other reply: the host sends its next request only after
@@ -355,12 +398,15 @@ class LinkLayer(wiring.Component):
         ``logit_addr``/``logit_data`` (the last token's logits, whatever the core holds).
 
     Replies are built a byte at a time (~11 cycles per body byte, well under a UART byte),
-    CRC-16 computed on the fly, SLIP-encoded into ``o_tx``. The link waits for the core
-    (``load.ready``, ``done``, ``ready_state``) without a time limit; everything else always
-    completes, whatever bytes arrive.
+    CRC-16 computed on the fly, SLIP-encoded into ``o_tx``. The payloads of LOAD and TOKEN go
+    out of an 80-bit shift register (the one the request's first payload bytes were shifted
+    into; TOKEN loads ``done.payload`` into it), so the reply byte is a small multiplexer. The
+    link waits for the core (``load.ready``, ``done``, ``ready_state``) without a time limit;
+    everything else always completes, whatever bytes arrive. ``logit_addr`` also moves during
+    other replies and LOADs (it is a read address, meaningful only during LOGITS).
 
-    Resources (iCE40UP5K, 128 KiB image, max_vocab 256, alone): ~990 LC (of which the three
-    bit-serial CRCs ~190), 1 EBR, Fmax ~38-42 MHz depending on placement; the UART adds ~120 LC.
+    Resources (iCE40UP5K, 128 KiB image, max_vocab 256, alone): ~760 LC (of which the three
+    table-driven CRCs ~95), 5 EBR (buffer, CRC tables), Fmax ~40 MHz depending on placement; the UART adds ~125 LC.
     """
 
     def __init__(self, info: P.Info):
@@ -400,66 +446,83 @@ class LinkLayer(wiring.Component):
         wiring.connect(m, wiring.flipped(self.i_rx), dec.i_stream)
         wiring.connect(m, enc.o_stream, wiring.flipped(self.o_tx))
 
-        m.submodules.buf = buf = Memory(shape=8, depth=INFO_BASE + INFO_LEN,
-                                        init=[0] * INFO_BASE + list(self.info_bytes))
+        init = [0] * BUF_DEPTH
+        init[INFO_BASE:INFO_BASE + INFO_LEN] = self.info_bytes
+        m.submodules.buf = buf = Memory(shape=8, depth=BUF_DEPTH, init=init)
         wr = buf.write_port()
         rd = buf.read_port()
 
+        def nv(k):
+            """The value of ``n`` once ``k`` body bytes are stored."""
+            return (k - N_ORIGIN) % BUF_DEPTH
+
         mem_bits = self.memory_bytes.bit_length()
-        # receive state
-        n = Signal(range(BODY_MAX + 1))         # body bytes stored
+        vocab_bits = min(16, self.max_vocab.bit_length())
+        # receive state. n counts the stored body bytes from N_ORIGIN on (it is the buffer's
+        # write address): for a LOAD it ends equal to the data length, and data byte i sits at
+        # buffer address i - 2 (mod BUF_DEPTH).
+        n = Signal(9, init=nv(0))
         overflow = Signal()
         opcode = Signal(8)
-        hdr = Signal(8 * CAPTURED)              # payload bytes 0..7 (address, token, length, crc32)
+        # R: the request's payload bytes, shifted in at the top (payload bytes 0..7, only 0..3
+        # of a LOAD), later the reply payload of LOAD and TOKEN, shifted out at the bottom.
+        # Fields once received: TOKEN token R[48:64]; LOAD address R[48:80]; LOAD_DONE length
+        # R[16:48], crc32 R[48:80].
+        R = Signal(80)
         d0, d1 = Signal(8), Signal(8)           # the two latest body bytes (d1 newest)
-        address = hdr[:32]
-        payload_len = n - 3
-        data_len = (n - LOAD_DATA_START - 2)[:(P.LOAD_CHUNK).bit_length()]    # of a LOAD
-        load_len = Signal.like(data_len)        # data_len, registered for the reply
+        address = R[48:80]
         # request checks, registered in CHECK
-        crc_ok, op_known, len_ok, image_ok, token_ok, header_fits, addr_high_zero = (
+        crc_ok, op_known, len_ok, image_ok, token_ok, header_fits, addr_zero = (
             Signal(name=s) for s in ("crc_ok", "op_known", "len_ok", "image_ok", "token_ok",
-                                     "header_fits", "addr_high_zero"))
-        addr_end = Signal(max(mem_bits, 9) + 1)     # address + data length (if the address fits)
-        wr_last = Signal()                      # rd_ptr is the LOAD's last data byte
+                                     "header_fits", "addr_zero"))
+        # LOAD bounds, address + length <= memory_bytes without a 32-bit adder: with the
+        # address = H * 256 + L and 1 <= length <= 256, it holds for H < Mh - 1, never for
+        # H > Mh, and else depends on L + length (Mh, Ml: memory_bytes = Mh * 256 + Ml).
+        mem_h, mem_l = self.memory_bytes >> 8, self.memory_bytes & 0xFF
+        addr_h = address[8:]
+        lo_sum = Signal(10)                     # L + length
+        h_below, h_edge, h_top = Signal(), Signal(), Signal()   # H < Mh - 1, = Mh - 1, = Mh
         # image check state: bytes counted (saturating: an image never exceeds memory_bytes)
         image_count = Signal(mem_bits + 1)
         count_full = Signal()
-        m.d.comb += count_full.eq(image_count == (1 << len(image_count)) - 1)
+        count_inc = Signal(len(image_count) + 1)   # its carry out is the all-ones test
+        m.d.comb += [count_inc.eq(image_count + 1), count_full.eq(count_inc[-1])]
         waddr = Signal.like(self.load.p.addr)
-        rd_ptr = Signal(range(INFO_BASE + INFO_LEN))
         # reply state
-        kind = Signal(range(6))
+        kind = Signal(2)
         err_code = Signal(range(max(P.ERRORS) + 1))
         err_op = Signal(8)                      # an error reply's offending opcode
-        max_reply = max(INFO_LEN, 2 * self.max_vocab, LOAD_REPLY_LEN, TOKEN_REPLY_LEN)
-        plen = Signal(range(max_reply + 1))     # reply payload bytes
-        j = Signal(range(max_reply + 1))        # current reply payload byte
-        pay_last = Signal()                     # j is the payload's last byte
+        max_reply = max(INFO_LEN, 2 * self.max_vocab, LOAD_REPLY_LEN, TOKEN_REPLY_LEN, P.LOAD_CHUNK)
+        rem = Signal(range(max_reply + 1))      # reply payload (or LOAD data) bytes still to go
+        j = Signal(max(10, (2 * self.max_vocab).bit_length()))   # payload byte index
         phase = Signal(2)
         tx_byte = Signal(8)
         tx_start = Signal()                     # the command FSM hands a reply to the TX FSM
         tx_idle = Signal()
+        is_load = Signal()
+        m.d.comb += is_load.eq(opcode == P.OP_LOAD)
 
         m.d.comb += [
-            rd.addr.eq(rd_ptr),
+            # INFO at INFO_BASE + j (INFO_BASE is a multiple of 64), else a LOAD's data byte j
+            rd.addr.eq(Cat(j[:6], j[6:9] | Mux(kind == _INFO, 0b111, 0))),
             wr.addr.eq(n),
             wr.data.eq(dec.o_stream.p.data),
             self.logit_addr.eq(j[1:]),
             self.load.p.addr.eq(waddr),
             self.load.p.data.eq(rd.data),
-            self.start.p.token.eq(hdr[:16]),
+            self.start.p.token.eq(R[48:64]),
         ]
 
         def reply(k, length):
             """Start sending a reply of kind ``k`` with ``length`` payload bytes (TX is idle)."""
-            m.d.sync += [kind.eq(k), plen.eq(length), j.eq(0), phase.eq(_OP)]
-            m.d.comb += [tx_start.eq(1), tx_crc.clear.eq(1)]
+            m.d.sync += [kind.eq(k), phase.eq(_OP)]
+            m.d.comb += [tx_start.eq(1), tx_crc.clear.eq(1), j_zero.eq(1), rem_load.eq(1),
+                         rem_val.eq(length)]
             m.next = "REPLY_WAIT"
 
         def listen():
             """Back to RECV with an empty buffer."""
-            m.d.sync += [n.eq(0), overflow.eq(0)]
+            m.d.sync += [n.eq(nv(0)), overflow.eq(0)]
             m.d.comb += rx_crc.clear.eq(1)
             m.next = "RECV"
 
@@ -470,6 +533,27 @@ class LinkLayer(wiring.Component):
             reply(_ERROR, ERROR_REPLY_LEN)
             listen()
 
+        # R, j and rem change in one place each (below), so that every bit is one LUT + FF
+        r_load, r_shift, j_zero, j_m2, j_inc, rem_load, rem_dec = (
+            Signal(name=s) for s in ("r_load", "r_shift", "j_zero", "j_m2", "j_inc",
+                                     "rem_load", "rem_dec"))
+        rem_val = Signal.like(rem)
+        fill = Signal(8)                        # the byte entering R at the top
+        with m.If(r_load):
+            m.d.sync += R.eq(self.done.p.as_value())
+        with m.Elif(r_shift):
+            m.d.sync += R.eq(Cat(R[8:], fill))
+        with m.If(j_zero):
+            m.d.sync += j.eq(0)
+        with m.Elif(j_m2):
+            m.d.sync += j.eq(-2)
+        with m.Elif(j_inc):
+            m.d.sync += j.eq(j + 1)
+        with m.If(rem_load):
+            m.d.sync += rem.eq(rem_val)
+        with m.Elif(rem_dec):
+            m.d.sync += rem.eq(rem - 1)
+
         # Signals that a state drives although none of their inputs has changed since reset
         # are unconditional assignments (fsm.ongoing): under cocotb, Icarus never evaluates an
         # `always @*` block whose inputs keep their initial values, which would leave them X.
@@ -478,45 +562,53 @@ class LinkLayer(wiring.Component):
             with m.State("RECV"):
                 with m.If(item.valid & item.ready):
                     with m.If(item.p.end):
-                        with m.If(n != 0):
+                        with m.If(n != nv(0)):
                             m.next = "CHECK"
-                    with m.Elif(n == BODY_MAX):
+                    with m.Elif(n == nv(BODY_MAX)):
                         m.d.sync += overflow.eq(1)          # keep listening for the END
                     with m.Else():
                         m.d.comb += wr.en.eq(1)
                         m.d.sync += [n.eq(n + 1), d1.eq(item.p.data), d0.eq(d1)]
-                        with m.If(n == 0):
+                        with m.If(n == nv(0)):
                             m.d.sync += opcode.eq(item.p.data)
-                        for k in range(CAPTURED):
-                            with m.If(n == k + 1):
-                                m.d.sync += hdr[8 * k:8 * k + 8].eq(item.p.data)
-                        with m.If(n >= 2):                  # d0 is no longer a CRC candidate
+                        # payload bytes 0..7 (0..3 of a LOAD) go into R
+                        with m.If(_in_range(n, nv(1), nv(4)) |
+                                  ~is_load & (~_lt_const(n, nv(1)) | _lt_const(n, nv(8) + 1))):
+                            m.d.comb += r_shift.eq(1)
+                        with m.If((n != nv(0)) & (n != nv(1))):    # d0 is no longer a CRC candidate
                             m.d.comb += [rx_crc.i_stream.valid.eq(1), rx_crc.i_stream.payload.eq(d0)]
 
             with m.State("CHECK"):
                 with m.If(rx_crc.i_stream.ready & img_crc.i_stream.ready):
                     m.d.sync += [
-                        crc_ok.eq((n >= 3) & (rx_crc.crc == Cat(d0, d1))),
-                        image_ok.eq((address == image_count) & ~count_full &
-                                    ((img_crc.crc ^ 0xFFFFFFFF) == hdr[32:64])),
-                        token_ok.eq(hdr[:16] < self.vocab_size),
-                        header_fits.eq(self.header_ok & (self.vocab_size != 0) &
-                                       (self.vocab_size <= self.max_vocab)),
-                        addr_high_zero.eq(address[mem_bits:] == 0),
-                        addr_end.eq(address[:mem_bits] + data_len),
-                        load_len.eq(data_len),
+                        crc_ok.eq((n != nv(1)) & (n != nv(2)) & (rx_crc.crc == Cat(d0, d1))),
+                        image_ok.eq((R[16:48] == image_count) & ~count_full &
+                                    ((img_crc.crc ^ 0xFFFFFFFF) == R[48:80])),
+                        # (BAD_TOKEN is checked only with model_ok, so vocab_size <= max_vocab:
+                        # a narrow comparator plus a zero test of the token's top bits)
+                        token_ok.eq((R[48 + vocab_bits:64] == 0) &
+                                    (R[48:48 + vocab_bits] < self.vocab_size[:vocab_bits])),
+                        header_fits.eq(self.header_ok &
+                                       _in_range(self.vocab_size, 1, self.max_vocab)),
+                        addr_zero.eq(address == 0),
+                        lo_sum.eq(address[:8] + n),             # n = a LOAD's data length
+                        h_below.eq(_lt_const(addr_h, mem_h - 1)),
+                        h_edge.eq(addr_h == mem_h - 1 if mem_h >= 1 else 0),
+                        h_top.eq(addr_h == mem_h),
                         op_known.eq(0), len_ok.eq(0),
                     ]
                     with m.Switch(opcode):
                         with m.Case(P.OP_INFO, P.OP_RESET_STATE, P.OP_LOGITS):
-                            m.d.sync += [op_known.eq(1), len_ok.eq(payload_len == 0)]
+                            m.d.sync += [op_known.eq(1), len_ok.eq(n == nv(3))]
                         with m.Case(P.OP_TOKEN):
-                            m.d.sync += [op_known.eq(1), len_ok.eq(payload_len == TOKEN_REQUEST_LEN)]
+                            m.d.sync += [op_known.eq(1), len_ok.eq(n == nv(3 + TOKEN_REQUEST_LEN))]
                         with m.Case(P.OP_LOAD_DONE):
-                            m.d.sync += [op_known.eq(1), len_ok.eq(payload_len == LOAD_DONE_LEN)]
+                            m.d.sync += [op_known.eq(1), len_ok.eq(n == nv(3 + LOAD_DONE_LEN))]
                         with m.Case(P.OP_LOAD):
-                            # at most LOAD_CHUNK data bytes: a longer body overflows the buffer
-                            m.d.sync += [op_known.eq(1), len_ok.eq(payload_len > LOAD_HEADER_LEN)]
+                            # at least one data byte; at most LOAD_CHUNK: a longer body overflows
+                            m.d.sync += [op_known.eq(1),
+                                         len_ok.eq(_in_range(n, nv(LOAD_DATA_START + 3),
+                                                             nv(BODY_MAX)))]
                     m.next = "DECIDE"
 
             with m.State("DECIDE"):                         # the first failing check, in order
@@ -532,8 +624,8 @@ class LinkLayer(wiring.Component):
                     m.d.sync += err_code.eq(P.Error.BAD_LENGTH)
                 with m.Elif(((opcode == P.OP_TOKEN) | (opcode == P.OP_LOGITS)) & ~self.model_ok):
                     m.d.sync += err_code.eq(P.Error.NO_MODEL)
-                with m.Elif((opcode == P.OP_LOAD) &
-                            ~(addr_high_zero & (addr_end <= self.memory_bytes))):
+                with m.Elif(is_load & ~(h_below | h_edge & _lt_const(lo_sum, 256 + mem_l + 1) |
+                                        h_top & _lt_const(lo_sum, mem_l + 1))):
                     m.d.sync += err_code.eq(P.Error.BAD_ADDRESS)
                 with m.Elif((opcode == P.OP_TOKEN) & ~token_ok):
                     m.d.sync += err_code.eq(P.Error.BAD_TOKEN)
@@ -554,18 +646,18 @@ class LinkLayer(wiring.Component):
                         m.d.sync += self.model_ok.eq(0)
                     error()
                 with m.Elif(opcode == P.OP_INFO):
-                    m.d.sync += rd_ptr.eq(INFO_BASE)
                     reply(_INFO, INFO_LEN)
-                with m.Elif(opcode == P.OP_LOAD):
-                    m.d.sync += [self.model_ok.eq(0), waddr.eq(address), rd_ptr.eq(LOAD_DATA_START)]
+                with m.Elif(is_load):
+                    m.d.sync += [self.model_ok.eq(0), waddr.eq(address), kind.eq(_REG)]
+                    m.d.comb += [j_m2.eq(1), rem_load.eq(1), rem_val.eq(n)]   # data byte 0: address -2
                     m.d.comb += rx_crc.clear.eq(1)          # now the CRC of the stored bytes
-                    with m.If(address == 0):                # a new image
+                    with m.If(addr_zero):                   # a new image
                         m.d.sync += image_count.eq(0)
                         m.d.comb += img_crc.clear.eq(1)
                     m.next = "WR_READ"
                 with m.Elif(opcode == P.OP_LOAD_DONE):
                     m.d.sync += self.model_ok.eq(1)
-                    reply(_EMPTY, 0)
+                    reply(_REG, 0)
                 with m.Elif(opcode == P.OP_RESET_STATE):
                     m.next = "RS_STROBE"
                 with m.Elif(opcode == P.OP_TOKEN):
@@ -573,65 +665,77 @@ class LinkLayer(wiring.Component):
                 with m.Else():                              # LOGITS
                     reply(_LOGITS, Cat(C(0, 1), self.vocab_size))
 
-            with m.State("WR_READ"):                        # rd_ptr reaches the EBR
-                m.d.sync += wr_last.eq(rd_ptr == n - 3)        # the body ends with crc16
+            with m.State("WR_READ"):                        # j reaches the EBR
                 m.next = "WR_PUSH"
-            with m.State("WR_PUSH"):                        # rd.data = buffer[rd_ptr]
+            with m.State("WR_PUSH"):                        # rd.data = data byte j
                 m.d.comb += self.load.valid.eq(rx_crc.i_stream.ready & img_crc.i_stream.ready)
                 with m.If(self.load.valid & self.load.ready):
                     m.d.comb += [
                         rx_crc.i_stream.valid.eq(1), rx_crc.i_stream.payload.eq(rd.data),
                         img_crc.i_stream.valid.eq(1), img_crc.i_stream.payload.eq(rd.data),
                     ]
-                    m.d.sync += [waddr.eq(waddr + 1), rd_ptr.eq(rd_ptr + 1)]
+                    m.d.sync += waddr.eq(waddr + 1)
+                    m.d.comb += [j_inc.eq(1), rem_dec.eq(1)]
                     with m.If(~count_full):
-                        m.d.sync += image_count.eq(image_count + 1)
-                    with m.If(wr_last):
+                        m.d.sync += image_count.eq(count_inc[:-1])
+                    with m.If(rem == 1):
                         m.next = "WR_CRC"
                     with m.Else():
                         m.next = "WR_READ"
             with m.State("WR_CRC"):                         # the last byte enters the CRC
                 with m.If(rx_crc.i_stream.ready):
-                    reply(_LOAD, LOAD_REPLY_LEN)
+                    m.d.comb += j_zero.eq(1)
+                    m.next = "WR_FILL"
+            with m.State("WR_FILL"):
+                # the LOAD reply in R: the address (R[48:80]) moves down to R[0:32] while
+                # length u16 and crc16 enter at the top
+                m.d.comb += [r_shift.eq(1), j_inc.eq(1)]
+                with m.If(j == 5):
+                    reply(_REG, LOAD_REPLY_LEN)
 
             with m.State("RS_STROBE"):
                 m.d.comb += self.reset_state.eq(1)
                 m.next = "RS_WAIT"
             with m.State("RS_WAIT"):
                 with m.If(self.ready_state):
-                    reply(_EMPTY, 0)
+                    reply(_REG, 0)
 
             with m.State("TOK_START"):
                 m.d.comb += self.start.valid.eq(1)
                 with m.If(self.start.ready):
                     m.next = "TOK_WAIT"
-            with m.State("TOK_WAIT"):                       # the reply reads done.payload,
+            with m.State("TOK_WAIT"):                       # the reply is sent from R; done is
                 with m.If(self.done.valid):                 # taken once the reply is out
-                    reply(_TOKEN, TOKEN_REPLY_LEN)
+                    m.d.comb += r_load.eq(1)
+                    reply(_REG, TOKEN_REPLY_LEN)
 
             with m.State("REPLY_WAIT"):                     # the reply reads the request's registers
                 with m.If(tx_idle & ~tx_start):
-                    m.d.comb += self.done.ready.eq(kind == _TOKEN)
+                    m.d.comb += self.done.ready.eq(kind == _REG)
                     listen()
         m.d.comb += item.ready.eq(fsm.ongoing("RECV") & rx_crc.i_stream.ready)
-
-        def select_byte(value):
-            # a case per byte: a variable word_select would become a barrel shifter
-            with m.Switch(j[:(len(value) // 8 - 1).bit_length()]):
-                for k in range(len(value) // 8):
-                    with m.Case(k):
-                        m.d.sync += tx_byte.eq(value[8 * k:8 * k + 8])
+        with m.If(fsm.ongoing("RECV")):
+            m.d.comb += fill.eq(item.p.data)
+        with m.Else():
+            with m.Switch(j[:2]):
+                with m.Case(0):
+                    m.d.comb += fill.eq(n[:8])
+                with m.Case(1):
+                    m.d.comb += fill.eq(n[8:])
+                with m.Case(2):
+                    m.d.comb += fill.eq(rx_crc.crc[:8])
+                with m.Case(3):
+                    m.d.comb += fill.eq(rx_crc.crc[8:])
 
         # The reply sender: opcode, payload, crc16 (LE), one byte per NEXT → LATCH → OFFER.
         with m.FSM(name="tx") as tx_fsm:
             with m.State("IDLE"):
                 with m.If(tx_start):
                     m.next = "NEXT"
-            with m.State("NEXT"):                           # addresses (rd_ptr, j) settle
+            with m.State("NEXT"):                           # addresses (j) settle
                 with m.If(tx_crc.i_stream.ready):           # the previous byte is absorbed
                     m.next = "LATCH"
             with m.State("LATCH"):                          # registered reads are valid now
-                m.d.sync += pay_last.eq(j + 1 == plen)
                 with m.Switch(phase):
                     with m.Case(_OP):
                         m.d.sync += tx_byte.eq(Mux(kind == _ERROR, P.OP_ERROR, opcode | P.REPLY))
@@ -645,12 +749,8 @@ class LinkLayer(wiring.Component):
                                 m.d.sync += tx_byte.eq(Mux(j[0], err_op, err_code))
                             with m.Case(_INFO):
                                 m.d.sync += tx_byte.eq(rd.data)
-                            with m.Case(_LOAD):
-                                select_byte(Cat(address, load_len.as_unsigned(),
-                                                C(0, 16 - len(load_len)), rx_crc.crc))
-                            with m.Case(_TOKEN):
-                                done = self.done.p
-                                select_byte(Cat(done.next_token, done.cycles, done.busy))
+                            with m.Case(_REG):
+                                m.d.sync += tx_byte.eq(R[:8])
                             with m.Case(_LOGITS):
                                 m.d.sync += tx_byte.eq(Mux(j[0], self.logit_data[8:],
                                                            self.logit_data[:8]))
@@ -664,10 +764,12 @@ class LinkLayer(wiring.Component):
                     m.next = "NEXT"
                     with m.Switch(phase):
                         with m.Case(_OP):
-                            m.d.sync += phase.eq(Mux(plen == 0, _CRC0, _PAY))
+                            m.d.sync += phase.eq(Mux(rem == 0, _CRC0, _PAY))
                         with m.Case(_PAY):
-                            m.d.sync += [j.eq(j + 1), rd_ptr.eq(rd_ptr + 1)]
-                            with m.If(pay_last):
+                            m.d.comb += [j_inc.eq(1), rem_dec.eq(1)]
+                            with m.If(kind == _REG):        # (RECV may shift R meanwhile)
+                                m.d.comb += r_shift.eq(1)
+                            with m.If(rem == 1):
                                 m.d.sync += phase.eq(_CRC0)
                         with m.Case(_CRC0):
                             m.d.sync += phase.eq(_CRC1)

@@ -116,16 +116,16 @@ def _byte_enables(enable, index):
 
 
 class ScratchMemory(wiring.Component):
-    """The scratch memory: ``hw.scratch_words`` int16 words (iCE40 EBR: 256 words each), one
-    registered read port and one write port.
+    """The scratch memory: ``hw.scratch_words`` int16 words with one write port and two
+    registered read ports X and Y (iCE40 EBR, 256 words each; yosys gives the second read port
+    its own copy of the EBRs, so it costs ``scratch_words / 256`` more EBR and no logic).
 
     Ports
     -----
-    rd_addr : In(range(scratch_words)), rd_en : In(1)
-        Read address; ``rd_data`` takes the word at the end of a cycle with ``rd_en`` and holds
-        it otherwise (the EBR's read clock enable), so a caller can keep a read result while it
-        waits.
-    rd_data : Out(signed(16))
+    x_addr, y_addr : In(range(scratch_words))
+        Read addresses; ``x_data`` / ``y_data`` are the words at the addresses of the previous
+        cycle (registered reads).
+    x_data, y_data : Out(signed(16))
     wr_en, wr_addr, wr_data : In
         Write ``wr_data`` to ``wr_addr`` at the end of a cycle with ``wr_en``. A read of the
         same address in the same cycle returns the old word; a read in a later cycle the new one.
@@ -136,9 +136,10 @@ class ScratchMemory(wiring.Component):
             raise ValueError(f"ScratchMemory needs a firmware.isa.HardwareConfig, not {hw!r}")
         self.words = hw.scratch_words
         super().__init__({
-            "rd_addr": In(range(self.words)),
-            "rd_en": In(1),
-            "rd_data": Out(signed(16)),
+            "x_addr": In(range(self.words)),
+            "x_data": Out(signed(16)),
+            "y_addr": In(range(self.words)),
+            "y_data": Out(signed(16)),
             "wr_en": In(1),
             "wr_addr": In(range(self.words)),
             "wr_data": In(signed(16)),
@@ -146,11 +147,19 @@ class ScratchMemory(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.mem = mem = memory.Memory(shape=signed(16), depth=self.words, init=[])
-        rd = mem.read_port()
-        wr = mem.write_port()
-        m.d.comb += [
-            rd.addr.eq(self.rd_addr), rd.en.eq(self.rd_en), self.rd_data.eq(rd.data),
-            wr.addr.eq(self.wr_addr), wr.data.eq(self.wr_data), wr.en.eq(self.wr_en),
-        ]
+        # Bit slices as deep as the memory: an iCE40 EBR holds 4096 bits as 256 x 16 .. 2048 x 2,
+        # so 2048 words are eight 2048 x 2 EBRs side by side, with no read multiplexer (one
+        # 2048 x 16 memory became 256 x 16 EBRs and an 8:1 multiplexer per read port)
+        width = max(1, min(16, 4096 // self.words))
+        while 16 % width:
+            width -= 1
+        for i in range(0, 16, width):
+            m.submodules[f"bits{i}"] = mem = memory.Memory(shape=width, depth=self.words, init=[])
+            x_rd, y_rd, wr = mem.read_port(), mem.read_port(), mem.write_port()
+            m.d.comb += [
+                x_rd.addr.eq(self.x_addr), self.x_data[i:i + width].eq(x_rd.data),
+                y_rd.addr.eq(self.y_addr), self.y_data[i:i + width].eq(y_rd.data),
+                wr.addr.eq(self.wr_addr), wr.data.eq(self.wr_data[i:i + width]),
+                wr.en.eq(self.wr_en),
+            ]
         return m

@@ -3,7 +3,7 @@
 
 Four components; the first three work alone:
 
-* :class:`IRSqrt`: ``u -> (mant, e) = arith.irsqrt(u)``.
+* :class:`IRSqrt`: ``u -> (mant, e) = arith.irsqrt(u)``, standalone (NormStats has its own).
 * :class:`NormStats`: a streamed vector ``x`` -> ``arith.norm_stats(x, eps_q)``. BitLinear uses
   only this part.
 * :class:`NormApply`: ``(x_j, w_j)`` -> ``sat16(rshift_round(x_j · w_j · mant, shift))``, one
@@ -40,6 +40,13 @@ _U_WIDTH = max(_SQ_BITS, EPS_BITS) + 1   # u = ms + eps_q, ms <= 2**30: 33 bits
 _LO = IRSQRT_NORM_BITS - 2        # un < 2**28: shift left
 _HI = IRSQRT_NORM_BITS            # un >= 2**30: shift right
 
+# NormStats's square root reads u (< 2**33) from bit 33 down, two bits a digit: 17 pairs, up to
+# 16 of them leading zeros, then 15 digits more than the first one: 31 digit steps at most;
+# e = 30 - s = 15 + (number of nonzero pairs) = 47 - (digit steps up to D[14] set).
+_U_TOP = 33
+_SQRT_DIGITS = (_U_TOP + 1) // 2 - 1 + SQRT_BITS
+_E_START = IRSQRT_NORM_BITS + (_U_TOP + 1) // 2
+
 
 def norm_steps(u_width: int) -> int:
     """Cycles the normalizer of :class:`IRSqrt` needs for any u of ``u_width`` bits.
@@ -72,11 +79,18 @@ def _check_max_n(max_n) -> None:
                          f"the unit will see), not {max_n!r}")
 
 
+def _stats_u_bits(ss_width: int) -> int:
+    """Bits of :class:`NormStats`'s shift register: ss, and u = ms + eps_q (< 2**33) read
+    from bit 33 down in pairs."""
+    return max(ss_width, _U_TOP + 1)
+
+
 def stats_latency(max_n: int) -> int:
-    """:attr:`NormStats.latency`: 4 cycles to finish the sum and hand it to the divider,
-    ``ss_width + 1`` for ``ss // n``, 2 for ``u = ms + eps_q``, then :func:`irsqrt_latency`."""
+    """:attr:`NormStats.latency` = ``max(ss_width, 34) + 84``: 3 cycles to finish the sum,
+    ``W + 2`` for ``ss // n`` (W = max(ss_width, 34)), 1 for ``u = ms + eps_q``, 62 for the
+    square root, 16 for the reciprocal (the result register is valid right after)."""
     _check_max_n(max_n)
-    return 4 + stats_widths(max_n)[0] + 3 + irsqrt_latency(_U_WIDTH)
+    return 3 + _stats_u_bits(stats_widths(max_n)[0]) + 2 + 1 + 2 * _SQRT_DIGITS + MANT_BITS
 
 
 class StatsResult(data.StructLayout):
@@ -113,7 +127,8 @@ class IRSqrt(wiring.Component):
     Parameters
     ----------
     u_width : int
-        Bits of the input, 1..62 (irsqrt's domain is [1, 2**62)). :class:`NormStats` uses 33.
+        Bits of the input, 1..62 (irsqrt's domain is [1, 2**62)). (:class:`NormStats` does not
+        use this unit: it computes irsqrt on its own shared shift-subtract datapath.)
 
     Ports
     -----
@@ -249,18 +264,34 @@ class NormStats(wiring.Component):
 
     Datapath
     --------
-    ``x`` register -> ``x·x`` register (both without reset: they fold into one SB_MAC16) ->
-    ``ss += x²`` and ``n += 1``, the sum in two halves of about ``ss_width / 2`` bits, the
-    upper one a cycle behind with the lower one's carry (short carry chains). After ``last``:
-    ``ms = ss // n`` on a :class:`SeqDivider` (``ss_width`` cycles), ``u = ms + eps_q`` (33
-    bits: ms <= 2**30; two 16-bit adds in two cycles), then :class:`IRSqrt` (u_width 33).
+    One shift register ``U`` (``W = max(ss_width, 34)`` bits), one remainder ``R``
+    (``max(17, bitlen(max_n) + 2)`` bits), one divisor/root register ``D``
+    (``max(bitlen(max_n), 15)`` bits) and one subtractor ``(2R + b) - S``; every phase after
+    the sum is a restoring shift-subtract step on them:
+
+    1. ``x`` register -> ``x·x`` register (both without reset: they fold into one SB_MAC16)
+       -> ``U += x²`` (one carry chain), ``D += 1`` (D counts n).
+    2. ``ms = (4·ss) // (4·n) = ss // n``: ``W + 2`` steps with ``S = 4·D``, dividend bits
+       ``b`` from U's top (two zeros after ss), quotient bits shifted into U's bottom.
+    3. ``U = ms + eps_q`` (one 33-bit add; ms <= 2**30), D and R cleared.
+    4. ``q = isqrt(un)``: the digit-by-digit square root of u read from ``U[33]`` downwards,
+       one bit per cycle (two cycles per digit: bring down the high bit, then the low bit and
+       subtract ``S = 4·root + 1``), root digits shifted into D, for 62 cycles (31 digits).
+       A digit step happens only while ``D[14]`` is clear: the leading zero digits of u are
+       irsqrt's normalizing left shift and its right shift is the truncated low pairs, so
+       ``q`` is exactly the 15 root digits from the first 1 (isqrt(u >> 2k) =
+       isqrt(u) >> k). ``e`` starts at 47 and counts the digit steps down: ``e = 30 - s``.
+    5. ``mant = (2**32 - 1) // (4q)`` (``= (2**30 - 1) // q``: no multiple of q lies in
+       ``(2**30 - 1, 2**30 - 1/4]``): the first 16 quotient bits are 0 (``4q >= 2**16``), so
+       R starts at ``2**16 - 1`` and 16 steps with ``b = 1``, ``S = 4·D`` shift the quotient
+       into U's low 16 bits.
 
     Latency and throughput
     ----------------------
-    ``o_stream.valid`` rises ``latency = ss_width + 59`` cycles after the cycle in which the
-    ``last`` element transfers (attribute ``latency``, :func:`stats_latency`; 102 for
-    max_n = 4096, 97 for 128): 4 to finish the sum and hand it to the divider,
-    ``ss_width + 1`` for ``ss // n``, 2 for ``u``, 52 for :class:`IRSqrt`.
+    ``o_stream.valid`` rises ``latency = max(ss_width, 34) + 84`` cycles after the cycle in
+    which the ``last`` element transfers (attribute ``latency``, :func:`stats_latency`; 127
+    for max_n = 4096, 118 for 1..8): 3 to finish the sum, ``W + 2`` for ``ss // n``, 1 for
+    ``u``, 62 for the square root, 16 for the reciprocal.
 
     One vector at a time: ``i_stream.ready`` is high (whatever ``i_stream.valid`` and
     ``o_stream.ready`` do) except from the cycle after ``last`` transfers until the cycle after
@@ -282,25 +313,22 @@ class NormStats(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.div = div = SeqDivider(self.ss_width, self.n_width)
-        m.submodules.irsqrt = irsqrt = IRSqrt(self.u_width)
+        w = _stats_u_bits(self.ss_width)
+        dw = max(self.n_width, SQRT_BITS)
+        rw = dw + 2                                  # >= 17: the square root's remainder
+        assert rw >= SQRT_BITS + 2
 
         x = Signal(signed(X_BITS), reset_less=True)      # multiplier operand register
         sq = Signal(_SQ_BITS, reset_less=True)           # multiplier product register
         x_valid, x_last = Signal(), Signal()
         sq_valid, sq_last = Signal(), Signal()
-        # ss = ss_hi·2**split + ss_lo: one 43-bit carry chain is too slow at 48 MHz, so the
-        # upper half adds the lower half's carry (and its part of x²) one cycle later
-        split = (self.ss_width + 1) // 2
-        ss_lo = Signal(split)
-        ss_hi = Signal(self.ss_width - split)
-        carry = Signal()
-        sq_hi = Signal(max(_SQ_BITS - split, 1), reset_less=True)
-        lo_valid, lo_last = Signal(), Signal()
-        n = Signal(self.n_width)
-        summed = Signal()              # ss and n are final, waiting for the divider
         closed = Signal()              # last taken, result not yet delivered
         eps = Signal(EPS_BITS, reset_less=True)
+        u = Signal(w)                  # ss, then ms, u, then the quotient mant
+        d = Signal(dw)                 # n, then the root q
+        r = Signal(rw, reset_less=True)
+        e = Signal(E_BITS, reset_less=True)
+        count = Signal(range(max(w + 2, 2 * _SQRT_DIGITS, 2 * MANT_BITS)), reset_less=True)
 
         m.d.comb += self.i_stream.ready.eq(~closed)
         take = self.i_stream.valid & self.i_stream.ready
@@ -309,44 +337,61 @@ class NormStats(wiring.Component):
         with m.If(take & self.i_stream.p.last):
             m.d.sync += [closed.eq(1), eps.eq(self.eps_q)]
 
-        lo_sum = ss_lo + sq[:split]
-        m.d.sync += [lo_valid.eq(sq_valid), lo_last.eq(sq_valid & sq_last),
-                     sq_hi.eq(sq[split:])]
-        with m.If(sq_valid):
-            m.d.sync += [ss_lo.eq(lo_sum[:split]), carry.eq(lo_sum[split]), n.eq(n + 1)]
-        with m.If(lo_valid):
-            # (2a + 1) + (2b + c) = 2(a + b + c) + (1 - c): the carry rides in as bit 0, so
-            # a + b + c is one carry chain
-            m.d.sync += ss_hi.eq((Cat(C(1, 1), ss_hi) + Cat(carry, sq_hi))[1:])
-            with m.If(lo_last):
-                m.d.sync += summed.eq(1)
+        # one restoring step: (2R + b) - S, S = 4·D (+1 in the square root)
+        b = Signal()
+        s_lsb = Signal()
+        trial = Signal(rw + 2)
+        m.d.comb += trial.eq(Cat(b, r) - Cat(s_lsb, C(0, 1), d))
+        fits = ~trial[-1]
+        r_step = Signal(rw)
+        sub = Signal()                 # this cycle may subtract
+        taken = fits & sub
+        m.d.comb += r_step.eq(Mux(taken, trial[:rw], Cat(b, r)[:rw]))
 
-        m.d.comb += [div.i_stream.valid.eq(summed),
-                     div.i_stream.p.dividend.eq(Cat(ss_lo, ss_hi)), div.i_stream.p.divisor.eq(n)]
-        with m.If(div.i_stream.ready & summed):
-            m.d.sync += [summed.eq(0), ss_lo.eq(0), ss_hi.eq(0), n.eq(0)]
+        adding = Signal()              # the EPS state, as its own register (short path)
+        total = u + Mux(adding, eps, sq)
+        shifted = Cat(taken & ~s_lsb, u[:-1])   # the square root shifts zeros in
 
-        # u = ms + eps_q in two cycles of 16-bit adds (one 33-bit carry chain is too slow on
-        # an iCE40 at 48 MHz); ms = ss // n <= 2**30, so the quotient's low 31 bits are all of it
-        half = EPS_BITS // 2
-        ms = div.o_stream.p.quotient[:_SQ_BITS]
-        u_lo = Signal(half + 1, reset_less=True)          # low halves' sum and its carry
-        ms_hi = Signal(_SQ_BITS - half, reset_less=True)
-        u = Signal(self.u_width, reset_less=True)
-        adding, u_valid = Signal(), Signal()
-        m.d.comb += [div.o_stream.ready.eq(~adding & ~u_valid),
-                     irsqrt.i_stream.payload.eq(u), irsqrt.i_stream.valid.eq(u_valid)]
-        with m.If(div.o_stream.valid & div.o_stream.ready):
-            m.d.sync += [u_lo.eq(ms[:half] + eps[:half]), ms_hi.eq(ms[half:]), adding.eq(1)]
-        with m.If(adding):
-            # the carry rides in as bit 0, as for ss_hi above
-            u_hi = (Cat(C(1, 1), ms_hi) + Cat(u_lo[-1], eps[half:]))[1:]
-            m.d.sync += [u.eq(Cat(u_lo[:half], u_hi)), adding.eq(0), u_valid.eq(1)]
-        with m.If(irsqrt.i_stream.ready & u_valid):
-            m.d.sync += u_valid.eq(0)
-        wiring.connect(m, irsqrt.o_stream, wiring.flipped(self.o_stream))
-        with m.If(self.o_stream.valid & self.o_stream.ready):
-            m.d.sync += closed.eq(0)
+        with m.FSM():
+            with m.State("SUM"):
+                m.d.sync += r.eq(0)
+                with m.If(sq_valid):
+                    m.d.sync += [u.eq(total), d.eq(d + 1)]
+                    with m.If(sq_last):
+                        m.d.sync += count.eq(w + 1)
+                        m.next = "MEAN"
+            with m.State("MEAN"):                       # ms = (4 ss) // (4 n)
+                m.d.comb += [b.eq(u[-1]), sub.eq(1)]
+                m.d.sync += [u.eq(shifted), r.eq(r_step), count.eq(count - 1)]
+                with m.If(count == 0):
+                    m.d.sync += adding.eq(1)
+                    m.next = "EPS"
+            with m.State("EPS"):                        # u = ms + eps_q
+                m.d.sync += [u.eq(total), adding.eq(0), r.eq(0), d.eq(0), e.eq(_E_START),
+                             count.eq(2 * _SQRT_DIGITS - 1)]
+                m.next = "SQRT"
+            with m.State("SQRT"):                       # odd count: high bit; even: low bit
+                digit = ~count[0] & ~d[SQRT_BITS - 1]
+                m.d.comb += [b.eq(u[_U_TOP]), s_lsb.eq(1), sub.eq(digit)]
+                m.d.sync += [u.eq(shifted), count.eq(count - 1)]
+                with m.If(~d[SQRT_BITS - 1]):
+                    m.d.sync += r.eq(r_step)
+                with m.If(digit):
+                    m.d.sync += [d.eq(Cat(fits, d[:-1])), e.eq(e - 1)]
+                with m.If(count == 0):
+                    m.d.sync += [r.eq((1 << MANT_BITS) - 1), count.eq(MANT_BITS - 1)]
+                    m.next = "RECIP"
+            with m.State("RECIP"):                      # mant = (2**32 - 1) // (4 q)
+                m.d.comb += [b.eq(1), sub.eq(1)]
+                m.d.sync += [u.eq(shifted), r.eq(r_step), count.eq(count - 1)]
+                with m.If(count == 0):
+                    m.next = "DONE"
+            with m.State("DONE"):
+                m.d.comb += self.o_stream.valid.eq(1)
+                with m.If(self.o_stream.ready):
+                    m.d.sync += [closed.eq(0), u.eq(0), d.eq(0)]
+                    m.next = "SUM"
+        m.d.comb += [self.o_stream.p.mant.eq(u[:MANT_BITS]), self.o_stream.p.e.eq(e)]
         return m
 
 

@@ -1,10 +1,11 @@
-"""The sequencer: fetches the per-token program from the weight memory, decodes it with
-``firmware.isa.instruction_layout`` and runs each macro-op by streaming scratch and weight
-memory data through the datapath units, one instruction at a time.
+"""The sequencer of the v2 core: fetches the per-token program from the weight memory, decodes
+it with ``firmware.isa.instruction_layout`` and runs every macro-op as the sub-passes of
+``firmware.valu.MICROCODE`` through one shared element ALU (:class:`~mmfree.hdl.valu.VALU`),
+the norm statistics unit, the BitLinear scalars unit and the ternary core.
 
 docs/isa.md is the instruction set; ``firmware.interpreter.Interpreter`` is the behavioural
-specification this gateware matches bit for bit, and ``firmware.interpreter.CostModel`` the
-cycle count it matches (see :class:`Sequencer`, "Timing", for the documented differences).
+specification this gateware matches bit for bit; :func:`program_cycles` is its exact cycle
+count.
 """
 
 from __future__ import annotations
@@ -13,43 +14,41 @@ from amaranth import C, Cat, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from mmfree.firmware import valu as vc
 from mmfree.firmware.isa import WORD_BITS, HardwareConfig, Op, instruction_layout
-from mmfree.hdl.activation import GLU
-from mmfree.hdl.mlgru import MLGRU
-from mmfree.hdl.quantizer import Quantizer
-from mmfree.hdl.rescale import FACTOR_CYCLES_MAX, Rescale
-from mmfree.hdl.rmsnorm import NormApply, NormStats
+from mmfree.firmware.valu import (ASrc, Base, BSrc, CSrc, Dst, MICROCODE, MSrc, Reduce,
+                                  ShiftSrc, WKind)
+from mmfree.hdl.rmsnorm import NormStats
+from mmfree.hdl.scalars import BitLinearScalars
 from mmfree.hdl.ternary_core import TernaryCore
+from mmfree.hdl.valu import VALU
+from mmfree.models.arith import PRE_FRAC
 
 __all__ = ["StartBeat", "DoneBeat", "CoreUnits", "Sequencer", "program_cycles"]
 
+#: width of the cycle and core-busy counters (DoneBeat carries them zero-extended to 32 bits; a
+#: token of the largest model of ICEBREAKER takes ~10**5 cycles)
+COUNTER_BITS = 24
+
+#: registers between the memories' read data and the VALU's input (firmware CostModel.operand)
+OPERAND_STAGES = 1
+
+_OPS = {"EMBED": Op.EMBED, "NORM": Op.NORM, "BITLINEAR": Op.BITLINEAR, "MLGRU": Op.MLGRU,
+        "GLU": Op.GLU, "RESADD": Op.RESADD}
+
 
 def program_cycles(program, hw: HardwareConfig) -> list[tuple[int, int]]:
-    """``(cycles, core_busy)`` of each instruction of ``program`` (up to its first HALT) on
-    this sequencer: ``firmware.interpreter.CostModel`` plus the differences that
-    :class:`Sequencer` documents (EMBED's multiply on NormApply; TernaryCore's one idle cycle
-    between groups when ``cols <= lanes``; the MLGRU unit's phase). A token takes their sum.
-
-    The MLGRU term: a token's first fetch is the cycle after a cycle ``p0`` in which the MLGRU
-    unit takes elements (its phase 0, every third cycle), so an MLGRU instruction fetched ``T``
-    cycles into the token has its first element ready at ``p0 + T + 8`` (fetch 4, three reads)
-    and waits ``-(T + 8) mod 3 = (1 - T) mod 3`` cycles for the next phase-0 cycle."""
+    """``(cycles, core_busy)`` of each instruction of ``program`` up to its first HALT on this
+    sequencer: ``firmware.interpreter.CostModel`` with the latencies of the units
+    :class:`CoreUnits` builds (tests check that they are the cost model's)."""
     from mmfree.firmware.interpreter import CostModel
-    from mmfree.firmware.isa import MLGRU as MLGRUInsn, BitLinear, Embed, Halt
-
-    cm = CostModel.for_hw(hw)
-    out, t = [], 0
+    from mmfree.firmware.isa import Halt
+    units = CoreUnits(hw)
+    model = CostModel(lanes=hw.lanes, stats=units.stats.latency, valu=units.valu.latency,
+                      scalars=units.scalars.max_cycles)
+    out = []
     for insn in program:
-        cycles, busy = cm.cost(insn)
-        if isinstance(insn, Embed):
-            cycles += NormApply.latency - cm.elem
-        elif isinstance(insn, BitLinear):
-            groups = -(-insn.rows // hw.lanes)
-            cycles += (groups - 1) * max(0, hw.lanes + 1 - max(insn.cols, hw.lanes))
-        elif isinstance(insn, MLGRUInsn):
-            cycles += (1 - t) % MLGRU.II
-        out.append((cycles, busy))
-        t += cycles
+        out.append(model.cost(insn))
         if isinstance(insn, Halt):
             break
     return out
@@ -72,114 +71,69 @@ class DoneBeat(data.StructLayout):
 
 
 class CoreUnits:
-    """One of each datapath unit, sized for ``hw``; the sequencer reuses them across macro-ops.
+    """The units the sequencer drives: ``stats`` (NormStats, vectors up to ``max_cols``),
+    ``valu`` (the element ALU), ``scalars`` (BitLinearScalars) and ``core`` (TernaryCore)."""
 
-    ``stats`` (NormStats, vectors up to ``max_cols``: NORM and BITLINEAR), ``apply``
-    (NormApply: NORM's second pass and EMBED's multiply), ``quant`` (Quantizer, ``max_cols``),
-    ``core`` (TernaryCore, ``lanes`` lanes, rows up to ``max_cols`` columns), ``rescale``
-    (Rescale for the core's accumulators), ``mlgru`` (MLGRU, state for ``max_layers`` x
-    ``max_d``), ``glu`` (GLU)."""
-
-    NAMES = ("stats", "apply", "quant", "core", "rescale", "mlgru", "glu")
+    NAMES = ("stats", "valu", "scalars", "core")
 
     def __init__(self, hw: HardwareConfig):
         self.stats = NormStats(hw.max_cols)
-        self.apply = NormApply()
-        self.quant = Quantizer(hw.max_cols)
-        self.core = TernaryCore(hw.lanes, hw.max_cols)
-        self.rescale = Rescale(self.core.acc_width)
-        self.mlgru = MLGRU(hw.max_d, hw.max_layers)
-        self.glu = GLU()
+        self.valu = VALU(tag_width=1)
+        self.scalars = BitLinearScalars()
+        self.core = TernaryCore(hw.lanes, hw.max_cols, serial=True)
 
     def items(self):
         return [(name, getattr(self, name)) for name in self.NAMES]
 
 
-# weight-stream element kinds: int16/uint16 vectors, int8 bytes, trit columns
-_W16, _W8, _WT = 0, 1, 2
+def _microcode_rows():
+    """(op, index, SubPass, is_last) for every sub-pass, plus ARGMAX as one comparator pass."""
+    rows = []
+    for name, passes in MICROCODE.items():
+        for i, sp in enumerate(passes):
+            rows.append((_OPS[name], i, sp, i == len(passes) - 1))
+    rows.append((Op.ARGMAX, 0, vc.SubPass("argmax", x=Base.OP0, valu=False, dst=Dst.NONE), True))
+    return rows
 
 
 class Sequencer(wiring.Component):
     """Fetch, decode and execute the program of one token.
 
-    Parameters
-    ----------
-    hw : HardwareConfig
-    units : CoreUnits
-        The units it drives; each is a port of the sequencer with the unit's signature flipped
-        (``wiring.connect(m, seq.<name>, units.<name>)``).
-
     Ports
     -----
     start : In(stream of StartBeat)
-        Run one token. Taken only while idle and ``model_ok``.
+        Run one token; taken only while idle and ``model_ok``.
     done : Out(stream of DoneBeat)
-        The token's result, held until taken; the sequencer is idle again after the transfer.
+        The token's result, held until taken.
     reset_state : In(1), ready_state : Out(1)
-        A one-cycle strobe zeroes every layer's state (the MLGRU unit's memory);
-        ``ready_state`` is low from the cycle after the strobe until the state is zero (and
-        after reset, while the MLGRU unit clears its memory).
+        A one-cycle strobe zeroes every layer's state; ``ready_state`` is low from the cycle
+        after the strobe until that is done (``max_layers · max_d`` cycles; also after reset).
     model_ok : In(1)
     program_addr : In(range(weight_words)), program_length : In(16)
-        From the image header: the first instruction's word and the instruction count. At most
-        ``program_length`` instructions run (and at most ``program_words / 2``); the token ends
-        at the first HALT (an unknown opcode counts as HALT).
+        From the image header. At most ``program_length`` (and ``program_words / 2``)
+        instructions run; a token ends at the first HALT (an unknown opcode counts as HALT).
     running : Out(1)
-        The sequencer owns the weight memory and the scratch read port (not idle).
-    w_addr : Out(range(weight_words)), w_data : In(64)
+        The sequencer owns the weight memory and scratch read port X (not idle).
+    w_addr : Out, w_data : In(64)
         The weight memory's read port (registered read).
-    s_rd_addr, s_rd_en : Out, s_rd_data : In(signed(16))
-        The scratch memory's read port (``s_rd_en`` low holds the read data).
+    x_addr, y_addr : Out, x_data, y_data : In(signed(16))
+        The scratch memory's two read ports (registered reads).
     s_wr_en, s_wr_addr, s_wr_data : Out
         The scratch memory's write port.
-    stats, apply, quant, core, rescale, mlgru, glu
+    stats, valu, scalars, core
         The units (flipped signatures).
-    fault : Out(1)
-        Sticky: a unit was offered an element it could not take where the schedule guarantees
-        it can (a bug, never expected; for tests).
 
-    Execution (docs/isa.md)
+    Execution
     ---------
-    Each instruction: fetch (2 weight words) and decode, then its body; the next fetch starts
-    when the body's last result has been written to scratch. Body ``t = 0`` is the cycle after
-    decode. A *pass* reads k scratch vectors element by element (k = 1..3 reads per element,
-    one per cycle, on the single read port) together with an optional weight-memory vector,
-    and offers each element to a unit in the cycle its last read arrives; results stream back
-    into scratch through one write register (``dst``, ``dst + 1``, ...).
-
-    * EMBED: ``t = 0`` reads the row scale; the row's int8 elements (weight memory) go through
-      NormApply with ``w = 1``, ``mant = scale``, ``shift = emb_shift``, which is
-      ``arith.embed`` exactly.
-    * NORM: pass 1 into NormStats; its result (captured) gives NormApply's ``mant`` and
-      ``shift = e + frac_diff``; one cycle later pass 2 (``src`` and ``w``) into NormApply.
-    * BITLINEAR: one pass of ``src`` and ``g`` into NormStats and Quantizer at once. The
-      activations fill the activation buffer (``max_cols`` int8). The statistics and the
-      quantizer's ``mvn``, ``sh`` form Rescale's parameter beat. Row groups: the columns of
-      group k (activation buffer + trit words) stream into TernaryCore, back to back; each
-      group's sums leave through an N:1 selector and a register into Rescale while the next
-      group accumulates; Rescale's outputs are the destination rows.
-    * MLGRU (3 reads per element, lower bound from weight memory), GLU (2), RESADD (2, own
-      3-stage pipeline: shift, round and add, saturate), ARGMAX (1, compare and keep the
-      first maximum; ``next_token`` one cycle after the pass).
-
-    Timing (cycles; F = 4: fetch and decode)
-    ------
-    Per instruction the cycles equal ``firmware.interpreter.CostModel`` except:
-
-    * EMBED: its multiply is NormApply (latency 8) instead of a 3-stage pipeline: ``Le`` = 8.
-    * BITLINEAR: group k+1's sums can be emitted by TernaryCore only the cycle after group k's
-      output register has been read to the end, so groups follow each other every
-      ``max(cols, lanes + 1)`` cycles (the model: ``max(cols, lanes)``); the difference is
-      ``(G - 1) · (lanes + 1 - max(cols, lanes))`` when ``cols <= lanes``, 0 otherwise.
-      The rescale factor is waited for at its worst case (``FACTOR_CYCLES_MAX``), as the model
-      assumes: the first group's sums enter Rescale no earlier than ``FACTOR_CYCLES_MAX``
-      cycles after the parameter beat, so costs depend on operands only.
-    * MLGRU: the unit takes an element only in one cycle of its free-running 3-cycle phase; the
-      first element waits 0..2 cycles for it (the rest follow in lock step). Since every token
-      starts aligned to that phase (``start`` waits for it, uncounted), the wait of each MLGRU
-      instruction is fixed for a program: each token of a model takes the same cycles.
-
-    :func:`program_cycles` gives every instruction's cycles with these terms.
+    Each instruction: fetch (2 weight words) and decode, then its sub-passes in order. A
+    sub-pass issues element ``j`` in cycle ``t0 + j`` (scratch, weight and state addresses);
+    its operands are on the read ports one cycle later and enter the VALU (or NormStats, or the
+    ARGMAX comparator) in that cycle; the VALU's results are written in order (scratch, state
+    or activation buffer). The next sub-pass starts when the last result is written (and,
+    after a statistics pass, when the statistics, or for BITLINEAR the scalars, are ready).
+    BITLINEAR's core phase feeds the ternary core one column per cycle, groups
+    ``max(cols, lanes + 1)`` cycles apart so that a group's sums (drained one per cycle
+    through the VALU, as the "drain" sub-pass) never stall the core.
     """
 
     def __init__(self, hw: HardwareConfig, units: CoreUnits):
@@ -199,22 +153,19 @@ class Sequencer(wiring.Component):
             "running": Out(1),
             "w_addr": Out(range(hw.weight_words)),
             "w_data": In(WORD_BITS),
-            "s_rd_addr": Out(range(hw.scratch_words)),
-            "s_rd_en": Out(1),
-            "s_rd_data": In(signed(16)),
+            "x_addr": Out(range(hw.scratch_words)),
+            "y_addr": Out(range(hw.scratch_words)),
+            "x_data": In(signed(16)),
+            "y_data": In(signed(16)),
             "s_wr_en": Out(1),
             "s_wr_addr": Out(range(hw.scratch_words)),
             "s_wr_data": Out(signed(16)),
-            "fault": Out(1),
         }
         for name, unit in units.items():
             members[name] = In(unit.signature)
         super().__init__(members)
-        #: high in the first cycle of every instruction fetch (for tests and benches: the
-        #: cycles between two of them are the instruction's cost)
+        #: high in the first cycle of every instruction fetch (tests and benches)
         self.fetching = Signal()
-
-    # ------------------------------------------------------------------ helpers
 
     def _field(self, insn, op: Op, name: str):
         for spec in self.layout[op]:
@@ -228,283 +179,261 @@ class Sequencer(wiring.Component):
         hw = self.hw
         lanes = hw.lanes
         F = self._field
-        stats, apply, quant, core, rescale, mlgru, glu = (getattr(self, n) for n in CoreUnits.NAMES)
-
-        max_len = max(hw.max_cols, hw.max_rows, hw.max_vocab, hw.max_inter, hw.max_d)
+        stats, valu, scalars, core = (getattr(self, n) for n in CoreUnits.NAMES)
+        max_len = max(hw.max_cols, hw.max_rows, hw.max_vocab)
         insn_bits = max([4] + [s.lsb + s.width for specs in self.layout.values() for s in specs])
-        lane_bits = (lanes - 1).bit_length()
-        cols_per_word = WORD_BITS // (2 * lanes)              # trit columns in a weight word
+        cols_per_word = WORD_BITS // (2 * lanes)
         tslot_bits = max((cols_per_word - 1).bit_length(), 0)
-        wslot_bits = max(3, tslot_bits)
 
         # ================================================================ control state
         insn = Signal(insn_bits)
         op = Signal(4)
         token = Signal(16)
         pc = Signal(range(hw.weight_words))
-        max_insns = hw.program_words // 2                # INSN_WORDS per instruction
+        max_insns = hw.program_words // 2
         insn_left = Signal(range(max_insns + 1))
         next_token = Signal(16)
-        cycles = Signal(32)
-        busy = Signal(32)
+        cycles = Signal(COUNTER_BITS)
+        busy = Signal(COUNTER_BITS)
         counting = Signal()
-        fault = Signal()
-        m.d.comb += self.fault.eq(fault)
-
+        with m.If(counting):
+            m.d.sync += cycles.eq(cycles + 1)
         is_op = {o: (op == int(o)) for o in Op}
 
-        # ================================================================ weight stream
-        wptr = Signal(range(hw.weight_words))
-        wslot = Signal(wslot_bits)
-        wmode = Signal(2)
-        wslot_d = Signal(wslot_bits)
-        wmode_d = Signal(2)
-        w_step = Signal()                 # advance to the next element of the weight stream
-        fetch_addr = Signal()             # the fetch drives the weight address (pc)
-        m.d.sync += [wslot_d.eq(wslot), wmode_d.eq(wmode)]
-        m.d.comb += self.w_addr.eq(Mux(fetch_addr, pc, wptr))
-        wrap = Mux(wmode == _W16, 3, Mux(wmode == _W8, 7, cols_per_word - 1))
-        with m.If(w_step):
-            with m.If(wslot == wrap):
-                m.d.sync += [wslot.eq(0), wptr.eq(wptr + 1)]
-            with m.Else():
-                m.d.sync += wslot.eq(wslot + 1)
-        # element selection from the word read in the previous cycle
-        idx16 = Mux(wmode_d == _W8, wslot_d[1:3], wslot_d[0:2])
-        wsel16 = Signal(16)
-        m.d.comb += wsel16.eq(self.w_data.word_select(idx16, 16))
-        wbyte = Signal(signed(8))
-        m.d.comb += wbyte.eq(Mux(wslot_d[0], wsel16[8:], wsel16[:8]))
-        trits = Signal(2 * lanes)
-        if cols_per_word > 1:
-            m.d.comb += trits.eq(self.w_data.word_select(wslot_d[:tslot_bits], 2 * lanes))
-        else:
-            m.d.comb += trits.eq(self.w_data)
+        # ================================================================ microcode ROM
+        rows = _microcode_rows()
+        step = Signal(3)                     # sub-pass index within the instruction
+        ctl = {k: Signal(w, name=f"uc_{k}") for k, w in (
+            ("x", 3), ("y", 3), ("w", 2), ("a", 3), ("b", 2), ("m", 4), ("c", 2), ("shift", 3),
+            ("shift_const", 6), ("mode", 2), ("out", 1), ("dst", 2), ("dst_base", 3),
+            ("reduce", 2), ("cond_lb", 1), ("valu", 1), ("drain", 1), ("last", 1),
+            ("argmax", 1))}
+        with m.Switch(Cat(step, op)):
+            for o, i, sp, last in rows:
+                with m.Case(i | (int(o) << 3)):
+                    vals = {"x": sp.x, "y": sp.y, "w": sp.w, "a": sp.a, "b": sp.b, "m": sp.m,
+                            "c": sp.c, "shift": sp.shift, "shift_const": sp.shift_const,
+                            "mode": sp.mode, "out": sp.out, "dst": sp.dst,
+                            "dst_base": sp.dst_base, "reduce": sp.reduce,
+                            "cond_lb": sp.cond_lb, "valu": sp.valu,
+                            "drain": sp.name == "drain", "last": last,
+                            "argmax": o == Op.ARGMAX}
+                    m.d.comb += [ctl[k].eq(int(v)) for k, v in vals.items() if int(v)]
 
-        # ================================================================ pass engine
-        # Element j of a pass: k scratch reads (slots 0..k-1, bases b[slot] + j), one per cycle;
-        # it is "pending" in the cycle its last read's data is on the read port, and leaves
-        # when the target unit takes it (consume). Reads of the next element start only then.
-        b = [Signal(range(hw.scratch_words), name=f"base{i}") for i in range(3)]
-        p_active = Signal()
-        p_j = Signal(range(max_len))
-        p_slot = Signal(2)
-        p_k1 = Signal(2)                   # reads per element - 1
-        p_n = Signal(range(max_len + 1))   # elements
-        pend = Signal()
-        pend_last = Signal()
-        pend_idx = Signal(range(max_len))
-        hold0 = Signal(signed(16))
-        hold1 = Signal(signed(16))
-        tag_valid = Signal()
-        tag_slot = Signal(2)
-        target_ready = Signal()
-        consume = Signal()
-        issue = Signal()
-        slot_last = Signal()
-        m.d.comb += [
-            consume.eq(pend & target_ready),
-            issue.eq(p_active & (~pend | consume)),
-            slot_last.eq(p_slot == p_k1),
-        ]
-        base = Mux(p_slot == 0, b[0], Mux(p_slot == 1, b[1], b[2]))
-        m.d.comb += [self.s_rd_addr.eq(base + p_j), self.s_rd_en.eq(issue)]
-        m.d.sync += [tag_valid.eq(issue & ~slot_last), tag_slot.eq(p_slot)]
-        with m.If(tag_valid & (tag_slot == 0)):
-            m.d.sync += hold0.eq(self.s_rd_data)
-        with m.If(tag_valid & (tag_slot == 1)):
-            m.d.sync += hold1.eq(self.s_rd_data)
-        start_pass = Signal()              # (re)start a pass at j = 0 next cycle
-        p_j_next = (p_j + 1)[:len(p_n)]
-        with m.If(start_pass):
-            m.d.sync += [p_active.eq(1), p_j.eq(0), p_slot.eq(0), pend.eq(0)]
-        with m.Elif(issue):
-            with m.If(slot_last):
-                m.d.sync += [p_slot.eq(0), p_j.eq(p_j_next), pend.eq(1),
-                             pend_last.eq(p_j_next == p_n), pend_idx.eq(p_j)]
-                with m.If(p_j_next == p_n):
-                    m.d.sync += p_active.eq(0)
-            with m.Else():
-                m.d.sync += [p_slot.eq(p_slot + 1), pend.eq(0)]
-        with m.Elif(consume):
-            m.d.sync += pend.eq(0)
-        pass_done = ~p_active & ~pend
-        col_issue = Signal()               # BITLINEAR: a trit column goes to the core
-        m.d.comb += w_step.eq((issue & (p_slot == 0)) | col_issue)
+        # ================================================================ decoded operands
+        op0, op1, op2, dstb = (Signal(range(hw.scratch_words), name=n)
+                               for n in ("op0", "op1", "op2", "dstb"))
+        n_el = Signal(range(max_len + 1))            # elements of the instruction's passes
+        rows_n = Signal(range(hw.max_rows + 1))
+        waddr = Signal(range(hw.weight_words))       # the weight vector's first word
+        op_shift = Signal(signed(7))
+        layer = Signal(range(hw.max_layers))
+        has_lb = Signal()
 
-        x = self.s_rd_data
+        def base_addr(sel):
+            temps = {Base.T1: hw.temp_base(1), Base.T2: hw.temp_base(2), Base.T3: hw.temp_base(3)}
+            return Mux(sel == Base.OP0, op0, Mux(sel == Base.OP1, op1, Mux(
+                sel == Base.OP2, op2, Mux(sel == Base.DST, dstb, Mux(
+                    sel == Base.T1, temps[Base.T1], Mux(sel == Base.T2, temps[Base.T2],
+                                                        temps[Base.T3]))))))
 
-        # ================================================================ result collector
-        wr_en = Signal()
-        wr_addr = Signal(range(hw.scratch_words))
-        wr_data = Signal(signed(16))
-        wr_last = Signal()
-        wr_ptr = Signal(range(hw.scratch_words))
-        out_left = Signal(range(max_len + 1))
-        res_valid = Signal()
-        res_data = Signal(signed(16))
-        m.d.comb += [self.s_wr_en.eq(wr_en), self.s_wr_addr.eq(wr_addr), self.s_wr_data.eq(wr_data)]
-        m.d.sync += wr_en.eq(res_valid)
-        with m.If(res_valid):
-            m.d.sync += [wr_addr.eq(wr_ptr), wr_data.eq(res_data), wr_ptr.eq(wr_ptr + 1),
-                         wr_last.eq(out_left == 1), out_left.eq(out_left - 1)]
-        body_written = wr_en & wr_last
-
-        # ================================================================ shared per-op state
-        phase = Signal()                   # NORM: apply pass; EMBED: row pass
-        stats_ok = Signal()
+        # ================================================================ registers the passes use
         mant_r = Signal(16)
         e_r = Signal(6)
-        m.d.comb += stats.o_stream.ready.eq(1)
-        with m.If(stats.o_stream.valid):
-            m.d.sync += [stats_ok.eq(1), mant_r.eq(stats.o_stream.p.mant), e_r.eq(stats.o_stream.p.e)]
+        scale_r = Signal(16)
+        sc = {k: Signal(w, name=f"sc_{k}") for k, w in (
+            ("qm", 16), ("qs", 5), ("recip", 16), ("s", 16), ("zs", 6), ("zb", 2))}
 
-        # ---------------------------------------------------------------- EMBED operands
-        emb_scale = Signal(16)
-        emb_cap = Signal()
-        # token · ceil(n / 8) (the row's word offset) as two registered partial sums of
-        # shift-and-add (no multiplier; two short adder trees instead of one long one)
-        emb_row = [Signal(range(hw.weight_words), name=f"emb_row{i}") for i in range(2)]
-        with m.If(emb_cap):
-            m.d.sync += [emb_scale.eq(wsel16), emb_cap.eq(0)]
+        # ================================================================ pass engine
+        p_run = Signal()                 # issuing elements
+        p_j = Signal(range(max_len + 1))
+        p_n = Signal(range(max_len + 1))
+        xb = Signal(range(hw.scratch_words))
+        yb = Signal(range(hw.scratch_words))
+        m.d.comb += [self.x_addr.eq(xb + p_j), self.y_addr.eq(yb + p_j)]
+        issue = Signal()
+        m.d.comb += issue.eq(p_run & (p_j != p_n))
+        d_valid = Signal()               # operands of an element are on the read ports
+        d_last = Signal()
+        d_j = Signal(range(max_len))
+        m.d.sync += [d_valid.eq(issue), d_last.eq(issue & (p_j + 1 == p_n)), d_j.eq(p_j)]
+        with m.If(issue):
+            m.d.sync += p_j.eq(p_j + 1)
 
-        # ---------------------------------------------------------------- NormStats / NormApply
-        frac_diff = F(insn, Op.NORM, "frac_diff")
-        m.d.comb += [
-            stats.eps_q.eq(Mux(is_op[Op.NORM], F(insn, Op.NORM, "eps_q"), F(insn, Op.BITLINEAR, "eps_q"))),
-            stats.i_stream.p.x.eq(x),
-            stats.i_stream.p.last.eq(pend_last),
-            apply.i_stream.p.x.eq(Mux(is_op[Op.EMBED], wbyte, x)),
-            apply.i_stream.p.w.eq(Mux(is_op[Op.EMBED], 1, wsel16.as_signed())),
-            apply.mant.eq(Mux(is_op[Op.EMBED], emb_scale, mant_r)),
-            apply.shift.eq(Mux(is_op[Op.EMBED], F(insn, Op.EMBED, "emb_shift"),
-                               (e_r + frac_diff)[:6])),
-            apply.o_stream.ready.eq(1),
-        ]
+        # weight stream: element j of a W16 vector is slot j % 4 of word waddr + j // 4; of a
+        # W8 row byte j % 8 of word waddr + j // 8
+        w_pass_addr = Mux(ctl["w"] == WKind.W8, waddr + (p_j >> 3), waddr + (p_j >> 2))
+        wslot_d = Signal(3)
+        scale_addr = Signal()                  # EMBED: the row scale's word is read
+        m.d.sync += wslot_d.eq(Mux(scale_addr, token[:2], p_j[:3]))
+        w16 = Signal(16)
+        m.d.comb += w16.eq(self.w_data.word_select(wslot_d[:2], 16))
+        w8 = Signal(signed(8))
+        m.d.comb += w8.eq(self.w_data.word_select(wslot_d, 8))
 
-        # ---------------------------------------------------------------- Quantizer
-        m.d.comb += [
-            quant.i_stream.p.x.eq(x), quant.i_stream.p.g.eq(wsel16.as_signed()),
-            quant.i_stream.p.last.eq(pend_last), quant.o_stream.ready.eq(1),
-        ]
+        # state memory (MLGRU h, max_layers x max_d int16)
+        m.submodules.state = state = memory.Memory(shape=signed(16), depth=hw.max_layers * hw.max_d,
+                                                   init=[])
+        st_rd = state.read_port()
+        st_wr = state.write_port()
+        layer_base = Signal(range(hw.max_layers * hw.max_d))      # layer · max_d
+        with m.Switch(layer):
+            for k in range(hw.max_layers):
+                with m.Case(k):
+                    m.d.comb += layer_base.eq(k * hw.max_d)
+        m.d.comb += st_rd.addr.eq(layer_base + p_j)
+        h = st_rd.data
 
-        # ---------------------------------------------------------------- MLGRU / GLU
-        lb_r = Signal(16)
-        with m.If(tag_valid & (tag_slot == 0) & is_op[Op.MLGRU]):
-            m.d.sync += lb_r.eq(wsel16)
-        m.d.comb += [
-            mlgru.i_stream.p.i_pre.eq(hold0), mlgru.i_stream.p.f_pre.eq(hold1),
-            mlgru.i_stream.p.gn.eq(x), mlgru.i_stream.p.lb.eq(lb_r),
-            mlgru.i_stream.p.has_lb.eq(F(insn, Op.MLGRU, "has_lb")),
-            mlgru.i_stream.p.g_frac.eq(F(insn, Op.MLGRU, "g_frac")),
-            mlgru.i_stream.p.o_frac.eq(F(insn, Op.MLGRU, "o_frac")),
-            mlgru.i_stream.p.layer.eq(F(insn, Op.MLGRU, "layer")),
-            mlgru.i_stream.p.last.eq(pend_last),
-            mlgru.o_stream.ready.eq(1),
-            glu.i_stream.p.gate.eq(hold0), glu.i_stream.p.up.eq(x),
-            glu.i_stream.p.u_frac.eq(F(insn, Op.GLU, "u_frac")),
-            glu.i_stream.p.last.eq(pend_last),
-            glu.o_stream.ready.eq(1),
-        ]
-
-        # ---------------------------------------------------------------- RESADD pipeline
-        # residual_add(r, delta, s) = sat16(rshift_round(r, s) + delta)
-        #                            = sat16(((2r >> s) + 2·delta + 1) >> 1)   (s = 0 too)
-        ra_v = Signal(3)
-        ra_t = Signal(signed(17))
-        ra_d = Signal(signed(16))
-        ra_sum = Signal(signed(18))
-        ra_out = Signal(signed(16))
-        ra_in = pend & is_op[Op.RESADD]
-        shift = F(insn, Op.RESADD, "shift")
-        ra_fits = (ra_sum[15:] == 0) | (ra_sum[15:] == 0b111)     # within int16: no carry chain
-        m.d.sync += [
-            ra_v.eq(Cat(ra_in, ra_v[:2])),
-            ra_t.eq(Cat(C(0, 1), hold0).as_signed() >> shift),
-            ra_d.eq(x),
-            ra_sum.eq((ra_t + Cat(C(1, 1), ra_d).as_signed()) >> 1),
-            ra_out.eq(Mux(ra_fits, ra_sum[:16], Mux(ra_sum[-1], -32768, 32767))),
-        ]
-
-        # ---------------------------------------------------------------- ARGMAX
-        best = Signal(signed(16))
-        best_idx = Signal(16)
-        with m.If(pend & is_op[Op.ARGMAX]):
-            with m.If((pend_idx == 0) | (x > best)):
-                m.d.sync += [best.eq(x), best_idx.eq(pend_idx)]
-
-        # ---------------------------------------------------------------- BITLINEAR
-        cols = Signal(range(hw.max_cols + 1))
-        group_cycles = Signal(range(max(hw.max_cols, lanes + 1) + 1))   # max(cols, lanes + 1)
-        rows_left_feed = Signal(range(hw.max_rows))      # rows not yet fed, minus 1
-        d_left = Signal(range(hw.max_rows + 1))          # sums not yet drained
-        d_i = Signal(range(lanes))
-        params_sent = Signal()
-        fwait = Signal(range(FACTOR_CYCLES_MAX + 1))
-        fwait_init = Signal.like(fwait)
-        act_full = Signal()
-        a_cnt = Signal(range(hw.max_cols))
-        tload = Signal()
-        feed_started = Signal()
-        feed_active = Signal()
-        f_j = Signal.like(group_cycles)
-        f_j_next = (f_j + 1)[:len(f_j)]
-        cols_done = Signal()
-        beat_v = Signal()
-        beat_first = Signal()
-        beat_last = Signal()
-
+        # activation buffer (BITLINEAR's int8 activations)
         m.submodules.act_buf = act_buf = memory.Memory(shape=signed(8), depth=hw.max_cols, init=[])
         act_rd = act_buf.read_port()
         act_wr = act_buf.write_port()
-        aw_en = Signal()
-        aw_addr = Signal(range(hw.max_cols))
-        aw_data = Signal(signed(8))
-        aw_last = Signal()
-        m.d.comb += [act_wr.en.eq(aw_en), act_wr.addr.eq(aw_addr), act_wr.data.eq(aw_data)]
-        m.d.sync += aw_en.eq(quant.o_stream.valid)
-        with m.If(quant.o_stream.valid):
-            m.d.sync += [aw_addr.eq(a_cnt), aw_data.eq(quant.o_stream.p.a),
-                         aw_last.eq(quant.o_stream.p.last), a_cnt.eq(a_cnt + 1)]
-        with m.If(aw_en & aw_last):
-            m.d.sync += act_full.eq(1)
 
-        # rescale parameters: the statistics (captured) and the quantizer's held scale
-        m.d.comb += [
-            rescale.i_params.valid.eq(is_op[Op.BITLINEAR] & stats_ok & ~params_sent),
-            rescale.i_params.p.mvn.eq(quant.mvn),
-            rescale.i_params.p.sh.eq(quant.sh),
-            rescale.i_params.p.mant.eq(mant_r),
-            rescale.i_params.p.e.eq(e_r),
-            rescale.i_params.p.gamma_mant.eq(F(insn, Op.BITLINEAR, "gamma_mant")),
-            rescale.i_params.p.scale_exp.eq(F(insn, Op.BITLINEAR, "scale_exp")),
+        # BITLINEAR's drain takes the core's sums one per cycle, straight into the VALU
+        in_core_phase = Signal()
+        drain_left = Signal(range(hw.max_rows + 1))
+        drain_take = Signal()
+        m.d.comb += drain_take.eq(core.o_stream.valid & in_core_phase & (drain_left != 0))
+
+        x, y = self.x_data, self.y_data
+        valu_in = valu.i_stream
+        a_val = Signal(signed(vc.A_BITS))
+        with m.Switch(ctl["a"]):
+            with m.Case(ASrc.X):
+                m.d.comb += a_val.eq(x)
+            with m.Case(ASrc.W):
+                m.d.comb += a_val.eq(Mux(ctl["w"] == WKind.W8, w8, w16.as_signed()))
+            with m.Case(ASrc.H):
+                m.d.comb += a_val.eq(h)
+            with m.Case(ASrc.ACC):
+                m.d.comb += a_val.eq(core.o_stream.payload)
+            with m.Case(ASrc.H_MINUS_X):
+                m.d.comb += a_val.eq(h - x)
+            with m.Case(ASrc.Q15_MINUS_W):
+                m.d.comb += a_val.eq(C(1 << 15, 17) - w16)
+        b_val = Signal(signed(vc.B_BITS))
+        with m.Switch(ctl["b"]):
+            with m.Case(BSrc.ONE):
+                m.d.comb += b_val.eq(1)
+            with m.Case(BSrc.W):
+                m.d.comb += b_val.eq(w16.as_signed())
+            with m.Case(BSrc.Y):
+                m.d.comb += b_val.eq(y)
+            with m.Case(BSrc.RESCALE):
+                m.d.comb += b_val.eq(sc["zb"])
+        m_val = Signal(vc.M_BITS)
+        opm = Signal(16)
+        m.d.comb += opm.eq(Mux(op_shift < 0, C(1, 16) << (-op_shift)[:3], 1))
+        with m.Switch(ctl["m"]):
+            for sel, v in ((MSrc.ONE, 1), (MSrc.X, x.as_unsigned()), (MSrc.Y, y.as_unsigned()),
+                           (MSrc.MANT, mant_r), (MSrc.SCALE, scale_r), (MSrc.QM, sc["qm"]),
+                           (MSrc.RECIP, sc["recip"]), (MSrc.S, sc["s"]), (MSrc.OPM, opm)):
+                with m.Case(sel):
+                    m.d.comb += m_val.eq(v)
+        c_val = Signal(signed(vc.C_BITS))
+        with m.Switch(ctl["c"]):
+            with m.Case(CSrc.X):
+                m.d.comb += c_val.eq(x)
+            with m.Case(CSrc.Y):
+                m.d.comb += c_val.eq(y)
+            with m.Case(CSrc.W):
+                m.d.comb += c_val.eq(w16)
+        s_val = Signal(vc.S_BITS)
+        norm_shift = Signal(signed(8))
+        m.d.comb += norm_shift.eq(e_r + F(insn, Op.NORM, "frac_diff"))
+        with m.Switch(ctl["shift"]):
+            with m.Case(ShiftSrc.CONST):
+                m.d.comb += s_val.eq(ctl["shift_const"])
+            with m.Case(ShiftSrc.OP):
+                m.d.comb += s_val.eq(Mux(op_shift < 0, 0, op_shift[:6]))
+            with m.Case(ShiftSrc.NORM):
+                m.d.comb += s_val.eq(norm_shift[:6])
+            with m.Case(ShiftSrc.QS):
+                m.d.comb += s_val.eq(sc["qs"])
+            with m.Case(ShiftSrc.Z):
+                m.d.comb += s_val.eq(sc["zs"])
+
+        # the operand register: memory read data and the operand selection above take most
+        # of a 24 MHz cycle (the SPRAM's clock-to-out alone is ~2 ns plus routing), so the
+        # VALU takes its beat one cycle later from registers (OPERAND_STAGES)
+        feed_start = self.units.valu.latency + OPERAND_STAGES + 2     # cycles into the act pass
+        pass_t = Signal(range(feed_start + 1))
+        m.d.sync += [
+            valu_in.p.a.eq(a_val), valu_in.p.b.eq(b_val), valu_in.p.m.eq(m_val),
+            valu_in.p.c.eq(c_val), valu_in.p.s.eq(s_val), valu_in.p.mode.eq(ctl["mode"]),
+            valu_in.p.out.eq(ctl["out"]),
+            valu_in.valid.eq(Mux(ctl["drain"], drain_take, d_valid & ctl["valu"])),
         ]
-        with m.If(rescale.i_params.valid & rescale.i_params.ready):
-            m.d.sync += [params_sent.eq(1), fwait.eq(fwait_init)]
-        with m.Elif(fwait != 0):
-            m.d.sync += fwait.eq(fwait - 1)
+        m.d.comb += [valu_in.p.tag.eq(0), valu.o_stream.ready.eq(1)]
 
-        # Core feed. Group 0 starts once the activations are in the buffer and early enough
-        # that its sums meet the worst-case rescale factor: the first sum enters Rescale
-        # cols + 3 cycles after the feed starts, the factor is ready FACTOR_CYCLES_MAX cycles
-        # after the parameter beat, and the start is allowed fwait_init + 1 cycles after it.
-        feed_go = Signal()
-        m.d.comb += feed_go.eq(is_op[Op.BITLINEAR] & (feed_active | (
-            tload & act_full & params_sent & (fwait == 0) & ~feed_started)))
-        m.d.comb += col_issue.eq(feed_go & ~cols_done)
-        last_group = (rows_left_feed >> lane_bits) == 0
+        # NormStats: STATS / STATS_ABSMAX passes
+        stats_pass = (ctl["reduce"] == Reduce.STATS) | (ctl["reduce"] == Reduce.STATS_ABSMAX)
+        m.d.comb += [
+            stats.i_stream.valid.eq(d_valid & stats_pass),
+            stats.i_stream.p.x.eq(x), stats.i_stream.p.last.eq(d_last),
+            stats.eps_q.eq(Mux(is_op[Op.NORM], F(insn, Op.NORM, "eps_q"),
+                               F(insn, Op.BITLINEAR, "eps_q"))),
+        ]
+
+        # ARGMAX comparator
+        best = Signal(signed(16))
+        best_idx = Signal(16)
+        with m.If(d_valid & ctl["argmax"]):
+            with m.If((d_j == 0) | (x > best)):
+                m.d.sync += [best.eq(x), best_idx.eq(d_j)]
+
+        # results: written in order to scratch, state or the activation buffer
+        out_j = Signal(range(max_len + 1))
+        res_v = valu.o_stream.valid
+        res_y = valu.o_stream.p.y
+        dst_base_addr = Signal(range(hw.scratch_words))
+        m.d.comb += [self.s_wr_en.eq(res_v & (ctl["dst"] == Dst.SCRATCH)),
+                     self.s_wr_addr.eq(dst_base_addr + out_j), self.s_wr_data.eq(res_y)]
+        m.d.comb += [
+            st_wr.en.eq(res_v & (ctl["dst"] == Dst.STATE)),
+            st_wr.addr.eq(layer_base + out_j), st_wr.data.eq(res_y),
+            act_wr.en.eq(res_v & (ctl["dst"] == Dst.ACT)),
+            act_wr.addr.eq(out_j), act_wr.data.eq(res_y[:8]),
+        ]
+        with m.If(res_v):
+            m.d.sync += out_j.eq(out_j + 1)
+
+        # ================================================================ BITLINEAR core phase
+        cols = Signal(range(hw.max_cols + 1))
+        group_period = Signal(range(max(hw.max_cols, lanes + 1) + 1))
+        f_j = Signal.like(group_period)
+        feed_rows = Signal(range(hw.max_rows + lanes))      # rows not yet fed
+        feeding = Signal()
+        tword = Signal(range(hw.weight_words))
+        tslot = Signal(max(tslot_bits, 1))
+        col_issue = Signal()
+        m.d.comb += col_issue.eq(feeding & (f_j < cols))
         m.d.comb += act_rd.addr.eq(f_j)
-        m.d.sync += [beat_v.eq(col_issue), beat_first.eq(f_j == 0), beat_last.eq(f_j_next == cols)]
-        with m.If(feed_go):
-            m.d.sync += [feed_started.eq(1), feed_active.eq(1)]
-            with m.If(col_issue & (f_j_next == cols)):
-                m.d.sync += cols_done.eq(1)
-            with m.If(f_j_next == group_cycles):
-                m.d.sync += [f_j.eq(0), cols_done.eq(0), rows_left_feed.eq(rows_left_feed - lanes)]
-                with m.If(last_group):
-                    m.d.sync += feed_active.eq(0)
+        beat_v = Signal()
+        beat_first = Signal()
+        beat_last = Signal()
+        tslot_d = Signal.like(tslot)
+        m.d.sync += [beat_v.eq(col_issue), beat_first.eq(f_j == 0), beat_last.eq(f_j + 1 == cols),
+                     tslot_d.eq(tslot)]
+        trits = Signal(2 * lanes)
+        if cols_per_word > 1:
+            m.d.comb += trits.eq(self.w_data.word_select(tslot_d[:tslot_bits], 2 * lanes))
+        else:
+            m.d.comb += trits.eq(self.w_data)
+        with m.If(feeding):
+            with m.If(col_issue):
+                if cols_per_word > 1:
+                    m.d.sync += tslot.eq(tslot + 1)
+                    with m.If(tslot == cols_per_word - 1):
+                        m.d.sync += tword.eq(tword + 1)
+                else:
+                    m.d.sync += tword.eq(tword + 1)
+            with m.If(f_j + 1 == group_period):
+                m.d.sync += [f_j.eq(0), feed_rows.eq(feed_rows - lanes)]
+                with m.If(feed_rows <= lanes):
+                    m.d.sync += feeding.eq(0)
             with m.Else():
-                m.d.sync += f_j.eq(f_j_next)
+                m.d.sync += f_j.eq(f_j + 1)
         m.d.comb += [
             core.i_stream.valid.eq(beat_v),
             core.i_stream.p.trits.eq(trits),
@@ -512,154 +441,118 @@ class Sequencer(wiring.Component):
             core.i_stream.p.first.eq(beat_first),
             core.i_stream.p.last.eq(beat_last),
         ]
-        with m.If(beat_v & ~core.i_stream.ready):
-            m.d.sync += fault.eq(1)
         with m.If(core.i_stream.valid & core.i_stream.ready & counting):
             m.d.sync += busy.eq(busy + 1)
 
-        # Drain: the group's sums, one per cycle through a selector and a register, into Rescale.
-        dv = Signal()
-        acc_width = self.units.core.acc_width
-        d_acc = Signal(signed(acc_width))
-        d_last = Signal()
-        d_adv = ~dv | rescale.i_stream.ready
-        d_take = core.o_stream.valid & d_adv
-        d_end = (d_i == lanes - 1) | (d_left == 1)
-        m.d.comb += core.o_stream.ready.eq(d_take & d_end)
-        with m.If(d_adv):
-            m.d.sync += dv.eq(d_take)
-        with m.If(d_take):
-            m.d.sync += [d_acc.eq(core.o_stream.payload.as_value().word_select(d_i, acc_width)),
-                         d_last.eq(d_left == 1), d_left.eq(d_left - 1),
-                         d_i.eq(Mux(d_end, 0, d_i + 1))]
-        m.d.comb += [
-            rescale.i_stream.valid.eq(dv),
-            rescale.i_stream.p.acc.eq(d_acc),
-            rescale.i_stream.p.last.eq(d_last),
-            rescale.o_stream.ready.eq(1),
-        ]
-        with m.If(dv & ~rescale.i_stream.ready):
-            m.d.sync += fault.eq(1)
-
-        # ---------------------------------------------------------------- pass targets
-        with m.Switch(op):
-            with m.Case(Op.EMBED):
-                m.d.comb += [target_ready.eq(apply.i_stream.ready),
-                             apply.i_stream.valid.eq(pend)]
-            with m.Case(Op.NORM):
-                m.d.comb += [target_ready.eq(Mux(phase, apply.i_stream.ready, stats.i_stream.ready)),
-                             apply.i_stream.valid.eq(pend & phase),
-                             stats.i_stream.valid.eq(pend & ~phase)]
-            with m.Case(Op.BITLINEAR):
-                m.d.comb += [target_ready.eq(stats.i_stream.ready & quant.i_stream.ready),
-                             stats.i_stream.valid.eq(pend & quant.i_stream.ready),
-                             quant.i_stream.valid.eq(pend & stats.i_stream.ready)]
-            with m.Case(Op.MLGRU):
-                m.d.comb += [target_ready.eq(mlgru.i_stream.ready),
-                             mlgru.i_stream.valid.eq(pend)]
-            with m.Case(Op.GLU):
-                m.d.comb += [target_ready.eq(glu.i_stream.ready),
-                             glu.i_stream.valid.eq(pend)]
-            with m.Default():                       # RESADD, ARGMAX: always take
-                m.d.comb += target_ready.eq(1)
-        # elements that carry weight-memory data cannot wait (that data is not held)
-        with m.If(pend & ~target_ready & (is_op[Op.EMBED] | is_op[Op.BITLINEAR] | (is_op[Op.NORM] & phase))):
-            m.d.sync += fault.eq(1)
-
-        # ---------------------------------------------------------------- results
-        with m.Switch(op):
-            with m.Case(Op.EMBED, Op.NORM):
-                m.d.comb += [res_valid.eq(apply.o_stream.valid), res_data.eq(apply.o_stream.payload)]
-            with m.Case(Op.BITLINEAR):
-                m.d.comb += [res_valid.eq(rescale.o_stream.valid), res_data.eq(rescale.o_stream.p.y)]
-            with m.Case(Op.MLGRU):
-                m.d.comb += [res_valid.eq(mlgru.o_stream.valid), res_data.eq(mlgru.o_stream.p.o)]
-            with m.Case(Op.GLU):
-                m.d.comb += [res_valid.eq(glu.o_stream.valid), res_data.eq(glu.o_stream.p.u)]
-            with m.Case(Op.RESADD):
-                m.d.comb += [res_valid.eq(ra_v[2]), res_data.eq(ra_out)]
+        # drain: the group's sums one per cycle into the VALU (the core's output shifts); the
+        # padding rows of a partial last group are flushed
+        m.d.comb += [core.o_stream.ready.eq(drain_take),
+                     core.flush.eq(drain_take & (drain_left == 1))]
+        with m.If(drain_take):
+            m.d.sync += drain_left.eq(drain_left - 1)
 
         # ================================================================ state reset
-        rs_pending = Signal()
+        rs_pending = Signal(init=1)
+        rs_addr = Signal(range(hw.max_layers * hw.max_d))
         with m.If(self.reset_state):
-            m.d.sync += rs_pending.eq(1)
-        with m.Elif(mlgru.reset_state.valid & mlgru.reset_state.ready):
-            m.d.sync += rs_pending.eq(0)
-        m.d.comb += [mlgru.reset_state.valid.eq(rs_pending),
-                     self.ready_state.eq(~rs_pending & ~mlgru.clearing)]
+            m.d.sync += [rs_pending.eq(1), rs_addr.eq(0)]
+        with m.Elif(rs_pending):
+            m.d.sync += rs_addr.eq(rs_addr + 1)
+            with m.If(rs_addr == hw.max_layers * hw.max_d - 1):
+                m.d.sync += rs_pending.eq(0)
+        m.d.comb += self.ready_state.eq(~rs_pending)
+        with m.If(rs_pending):
+            m.d.comb += [st_wr.en.eq(1), st_wr.addr.eq(rs_addr), st_wr.data.eq(0)]
 
         # ================================================================ main FSM
         m.d.comb += [self.done.p.next_token.eq(next_token), self.done.p.cycles.eq(cycles),
                      self.done.p.busy.eq(busy)]
-        with m.If(counting):
-            m.d.sync += cycles.eq(cycles + 1)
+        fetch_addr = Signal()
+        m.d.comb += self.w_addr.eq(Mux(fetch_addr, pc, Mux(
+            scale_addr, F(insn, Op.EMBED, "scale_addr") + token[2:],
+            Mux(in_core_phase, tword, w_pass_addr))))
 
-        # per-instruction setup, in the decode cycle
+        # decode: the instruction's operands into registers
         def decode(m):
-            n_field = {Op.EMBED: "n", Op.NORM: "n", Op.BITLINEAR: "cols", Op.MLGRU: "n",
-                       Op.GLU: "n", Op.RESADD: "n", Op.ARGMAX: "n"}
-            out_field = {Op.EMBED: "n", Op.NORM: "n", Op.BITLINEAR: "rows", Op.MLGRU: "n",
-                         Op.GLU: "n", Op.RESADD: "n"}
-            bases = {Op.NORM: ["src"], Op.BITLINEAR: ["src"], Op.MLGRU: ["i_src", "f_src", "gn_src"],
-                     Op.GLU: ["gate_src", "up_src"], Op.RESADD: ["dst", "src"], Op.ARGMAX: ["src"]}
             new_op = insn[:4]
-            m.d.sync += [op.eq(new_op), phase.eq(0), stats_ok.eq(0), params_sent.eq(0), fwait.eq(0),
-                         act_full.eq(0), a_cnt.eq(0), tload.eq(0), feed_started.eq(0),
-                         feed_active.eq(0), f_j.eq(0), cols_done.eq(0), d_i.eq(0), pend.eq(0),
-                         p_slot.eq(0), p_j.eq(0), p_active.eq(0)]
-            n_dec = Signal.like(p_n)       # the op's element count (BITLINEAR: cols)
+            fields = {
+                Op.EMBED: {"dst": dstb, "n": n_el},
+                Op.NORM: {"dst": dstb, "src": op0, "n": n_el, "w_addr": waddr},
+                Op.BITLINEAR: {"dst": dstb, "src": op0, "cols": n_el, "rows": rows_n,
+                               "g_addr": waddr},
+                Op.MLGRU: {"dst": dstb, "i_src": op0, "f_src": op1, "gn_src": op2, "n": n_el,
+                           "layer": layer, "has_lb": has_lb, "lb_addr": waddr},
+                Op.GLU: {"dst": dstb, "gate_src": op0, "up_src": op1, "n": n_el},
+                Op.RESADD: {"dst": dstb, "src": op0, "n": n_el},
+                Op.ARGMAX: {"src": op0, "n": n_el},
+            }
             with m.Switch(new_op):
-                for o, name in n_field.items():
+                for o, fl in fields.items():
                     with m.Case(o):
-                        m.d.comb += n_dec.eq(F(insn, o, name))
-            n = n_dec
-            rows = F(insn, Op.BITLINEAR, "rows")
-            m.d.sync += [p_n.eq(n), out_left.eq(Mux(new_op == Op.BITLINEAR, rows, n))]
-            with m.Switch(new_op):
-                for o in n_field:
-                    with m.Case(o):
-                        if o in out_field:
-                            m.d.sync += wr_ptr.eq(F(insn, o, "dst"))
-                        for i, bname in enumerate(bases.get(o, [])):
-                            m.d.sync += b[i].eq(F(insn, o, bname))
-                        m.d.sync += p_k1.eq(max(len(bases.get(o, [None])) - 1, 0))
-                        if o != Op.EMBED:
-                            m.d.sync += p_active.eq(1)
+                        for name, reg in fl.items():
+                            m.d.sync += reg.eq(F(insn, o, name))
                         if o == Op.EMBED:
-                            tok = token[:max(hw.max_vocab - 1, 1).bit_length()]
-                            n_e = F(insn, o, "n")
-                            rw = ((n_e + 7) >> 3)[:max(hw.max_d // 8 + 1, 1).bit_length()]
-                            half = (len(rw) + 1) // 2
-                            for i, bits in enumerate((range(half), range(half, len(rw)))):
-                                m.d.sync += emb_row[i].eq(
-                                    sum((Mux(rw[k], tok << k, 0) for k in bits), C(0, 1)))
-                            m.d.sync += [wmode.eq(_W16), wslot.eq(token[:2]),
-                                         wptr.eq(F(insn, o, "scale_addr") + token[2:])]
+                            m.d.sync += op_shift.eq(F(insn, o, "emb_shift"))
+                        if o == Op.RESADD:
+                            m.d.sync += op_shift.eq(F(insn, o, "shift"))
+                        if o == Op.GLU:
+                            m.d.sync += op_shift.eq(2 * PRE_FRAC - F(insn, o, "u_frac"))
+                        if o == Op.MLGRU:
+                            m.d.sync += op_shift.eq(F(insn, o, "g_frac") + PRE_FRAC
+                                                    - F(insn, o, "o_frac"))
                         if o == Op.BITLINEAR:
                             c = F(insn, o, "cols")
-                            m.d.sync += [wptr.eq(F(insn, o, "g_addr")), wslot.eq(0), wmode.eq(_W16),
-                                         cols.eq(c), group_cycles.eq(Mux(c > lanes, c, lanes + 1)),
-                                         rows_left_feed.eq(rows - 1), d_left.eq(rows),
-                                         fwait_init.eq(Mux(c < FACTOR_CYCLES_MAX - 4,
-                                                           FACTOR_CYCLES_MAX - 4 - c, 0))]
-                        if o == Op.MLGRU:
-                            m.d.sync += [wptr.eq(F(insn, o, "lb_addr")), wslot.eq(0), wmode.eq(_W16)]
+                            m.d.sync += [cols.eq(c),
+                                         group_period.eq(Mux(c > lanes, c, lanes + 1)),
+                                         tword.eq(F(insn, o, "trit_addr")), tslot.eq(0)]
+            m.d.sync += [op.eq(new_op), step.eq(0)]
+
+        # EMBED: the row's word offset token · ceil(n / 8) and the row scale
+        emb_rw = (F(insn, Op.EMBED, "n") + 7) >> 3
+        emb_off = Signal(range(hw.weight_words))
+        tok = token[:max(hw.max_vocab - 1, 1).bit_length()]
+        m.d.sync += emb_off.eq(tok * emb_rw)
+
+        # sub-pass start: bases and counts from the ROM
+        def start_pass(m):
+            m.d.sync += [p_run.eq(1), p_j.eq(0), out_j.eq(0),
+                         p_n.eq(Mux(ctl["drain"], 0, n_el)),
+                         xb.eq(base_addr(ctl["x"])), yb.eq(base_addr(ctl["y"])),
+                         dst_base_addr.eq(base_addr(ctl["dst_base"]))]
+
+        stats_done = Signal()
+        scalars_done = Signal()
+        m.d.comb += [stats.o_stream.ready.eq(1), scalars.o_stream.ready.eq(1)]
+        with m.If(stats.o_stream.valid):
+            m.d.sync += [mant_r.eq(stats.o_stream.p.mant), e_r.eq(stats.o_stream.p.e),
+                         stats_done.eq(1)]
+        # the scalars unit's result is used exactly max_cycles after the request (its worst
+        # case), so that every BITLINEAR of a program takes the same cycles for any data
+        sc_got = Signal()
+        sc_wait = Signal(range(self.units.scalars.max_cycles + 1))
+        with m.If(scalars.o_stream.valid):
+            m.d.sync += [sc[k].eq(scalars.o_stream.p[k]) for k in sc] + [sc_got.eq(1)]
+        with m.If(sc_wait != 0):
+            m.d.sync += sc_wait.eq(sc_wait - 1)
+        m.d.comb += scalars_done.eq(sc_got & (sc_wait == 0))
+        m.d.comb += [
+            scalars.i_stream.p.mv.eq(valu.absmax), scalars.i_stream.p.mant.eq(mant_r),
+            scalars.i_stream.p.e.eq(e_r),
+            scalars.i_stream.p.gamma_mant.eq(F(insn, Op.BITLINEAR, "gamma_mant")),
+            scalars.i_stream.p.scale_exp.eq(F(insn, Op.BITLINEAR, "scale_exp")),
+        ]
+        valu_idle = ~valu.busy & ~valu_in.valid
+        issued_all = ~p_run | (p_j == p_n)
+        wait_scalars = Signal()
 
         with m.FSM() as fsm:
             with m.State("IDLE"):
-                m.d.comb += self.start.ready.eq(self.model_ok)
-                with m.If(self.start.valid & self.model_ok):
+                m.d.comb += self.start.ready.eq(self.model_ok & ~rs_pending)
+                with m.If(self.start.valid & self.model_ok & ~rs_pending):
                     m.d.sync += [token.eq(self.start.p.token), pc.eq(self.program_addr),
                                  insn_left.eq(Mux(self.program_length > max_insns, max_insns,
                                                   self.program_length)),
-                                 next_token.eq(0),
-                                 cycles.eq(0), busy.eq(0)]
-                    m.next = "ALIGN"
-            with m.State("ALIGN"):
-                # MLGRU's i_stream.ready is high in one cycle of its 3-cycle phase (and not
-                # while it clears its state): start every token in the same phase
-                with m.If(mlgru.i_stream.ready & ~rs_pending):
-                    m.d.sync += counting.eq(1)
+                                 next_token.eq(0), cycles.eq(0), busy.eq(0), counting.eq(1)]
                     m.next = "FETCH0"
             with m.State("FETCH0"):
                 m.d.comb += [fetch_addr.eq(1), self.fetching.eq(1)]
@@ -680,30 +573,64 @@ class Sequencer(wiring.Component):
                 with m.Else():
                     m.d.sync += insn_left.eq(insn_left - 1)
                     decode(m)
-                    m.next = "EXEC"
-            with m.State("EXEC"):
-                with m.Switch(op):
-                    with m.Case(Op.EMBED):
-                        with m.If(~phase):              # t = 0: the row scale's word is read
-                            m.d.comb += start_pass.eq(1)
-                            m.d.sync += [phase.eq(1), emb_cap.eq(1), wmode.eq(_W8), wslot.eq(0),
-                                         wptr.eq(F(insn, Op.EMBED, "table_addr")
-                                                 + emb_row[0] + emb_row[1])]
-                    with m.Case(Op.NORM):
-                        with m.If(~phase & stats_ok):  # statistics moved in: the apply pass
-                            m.d.comb += start_pass.eq(1)
-                            m.d.sync += [phase.eq(1), wmode.eq(_W16), wslot.eq(0),
-                                         wptr.eq(F(insn, Op.NORM, "w_addr"))]
-                    with m.Case(Op.BITLINEAR):
-                        with m.If(~p_active & ~tload):  # x pass issued: point at the trits
-                            m.d.sync += [tload.eq(1), wmode.eq(_WT), wslot.eq(0),
-                                         wptr.eq(F(insn, Op.BITLINEAR, "trit_addr"))]
-                    with m.Case(Op.ARGMAX):
-                        with m.If(pass_done):
-                            m.d.sync += next_token.eq(best_idx)
-                            m.next = "FETCH0"
-                with m.If(body_written):
-                    m.next = "FETCH0"
+                    with m.If(insn[:4] == Op.EMBED):
+                        m.next = "EMBED_SCALE"
+                    with m.Else():
+                        m.next = "PASS_START"
+            with m.State("EMBED_SCALE"):
+                # the row scale: uint16 element `token` of the vector at scale_addr; the row's
+                # first word is table_addr + token · ceil(n / 8) (emb_off, registered)
+                m.d.comb += scale_addr.eq(1)
+                m.d.sync += waddr.eq(F(insn, Op.EMBED, "table_addr") + emb_off)
+                m.next = "EMBED_SCALE1"
+            with m.State("EMBED_SCALE1"):
+                m.d.sync += scale_r.eq(w16)
+                m.next = "PASS_START"
+            with m.State("PASS_START"):
+                with m.If(ctl["cond_lb"] & ~has_lb):
+                    m.d.sync += step.eq(step + 1)
+                with m.Else():
+                    start_pass(m)
+                    m.d.sync += [stats_done.eq(0), sc_got.eq(0), wait_scalars.eq(0)]
+                    m.d.comb += valu.absmax_clear.eq(ctl["reduce"] == Reduce.STATS_ABSMAX)
+                    with m.If(ctl["drain"]):
+                        m.d.sync += drain_left.eq(rows_n)
+                    m.d.sync += pass_t.eq(0)
+                    m.next = "PASS"
+            with m.State("PASS"):
+                with m.If(pass_t != feed_start):
+                    m.d.sync += pass_t.eq(pass_t + 1)
+                # BITLINEAR: the core starts on row group 0 while the "act" pass still writes
+                # the activations, feed_start cycles behind it (column j is read after the
+                # VALU wrote it); group 0's sums reach the VALU only after that pass's last
+                with m.If((ctl["dst"] == Dst.ACT) & (pass_t == feed_start - 1)):
+                    m.d.sync += [in_core_phase.eq(1), feeding.eq(1), f_j.eq(0),
+                                 feed_rows.eq(rows_n)]
+                with m.If(issue & (p_j + 1 == p_n)):
+                    m.d.sync += p_run.eq(0)
+                done_elems = Signal()
+                m.d.comb += done_elems.eq(Mux(
+                    ctl["drain"], ~feeding & (drain_left == 0) & valu_idle,
+                    issued_all & ~d_valid & valu_idle))
+                need_stats = stats_pass
+                need_scalars = ctl["reduce"] == Reduce.STATS_ABSMAX
+                # BITLINEAR: the statistics, then max|x·g| and them into the scalars unit
+                with m.If(done_elems & need_scalars & stats_done & ~wait_scalars):
+                    m.d.comb += scalars.i_stream.valid.eq(1)
+                    with m.If(scalars.i_stream.ready):
+                        m.d.sync += [wait_scalars.eq(1), sc_wait.eq(self.units.scalars.max_cycles)]
+                ready = done_elems & (~need_stats | stats_done) & (
+                    ~need_scalars | (wait_scalars & scalars_done))
+                with m.If(ready):
+                    with m.If(ctl["drain"]):
+                        m.d.sync += in_core_phase.eq(0)
+                    with m.If(ctl["argmax"]):
+                        m.d.sync += next_token.eq(best_idx)
+                    with m.If(ctl["last"]):
+                        m.next = "FETCH0"
+                    with m.Else():
+                        m.d.sync += step.eq(step + 1)
+                        m.next = "PASS_START"
             with m.State("DONE"):
                 m.d.comb += self.done.valid.eq(1)
                 with m.If(self.done.ready):

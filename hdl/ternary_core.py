@@ -60,6 +60,10 @@ class TernaryCore(wiring.Component):
         group (it produces no output).
     o_stream : Out(stream.Signature(data.ArrayLayout(signed(acc_width), N)))
         The N sums of a group, element k = row k of the group.
+        With ``serial=True`` instead ``Out(stream.Signature(signed(acc_width)))``: the group's
+        sums one per transfer, row 0 first (the output register shifts; no N:1 selector), and
+        ``flush`` : In(1), a strobe that drops the rest of the group (for a partial last group);
+        the output is free for the next group after the N-th transfer or the flush.
 
     Pipeline and latency
     --------------------
@@ -92,7 +96,8 @@ class TernaryCore(wiring.Component):
 
     latency = 2     # cycles from the last beat's transfer to o_stream.valid
 
-    def __init__(self, lanes: int, max_row: int, acc_width: int | None = None):
+    def __init__(self, lanes: int, max_row: int, acc_width: int | None = None, *,
+                 serial: bool = False):
         if not isinstance(lanes, int) or not 8 <= lanes <= 64 or lanes % 4:
             raise ValueError(f"lanes must be a multiple of 4 from 8 to 64 (4 trits fill a byte of "
                              f"the board file), not {lanes!r}")
@@ -108,10 +113,14 @@ class TernaryCore(wiring.Component):
         self.lanes = lanes
         self.max_row = max_row
         self.acc_width = acc_width
-        super().__init__({
-            "i_stream": In(stream.Signature(TernaryBeat(lanes))),
-            "o_stream": Out(stream.Signature(data.ArrayLayout(signed(acc_width), lanes))),
-        })
+        self.serial = bool(serial)
+        members = {"i_stream": In(stream.Signature(TernaryBeat(lanes)))}
+        if self.serial:
+            members["o_stream"] = Out(stream.Signature(signed(acc_width)))
+            members["flush"] = In(1)
+        else:
+            members["o_stream"] = Out(stream.Signature(data.ArrayLayout(signed(acc_width), lanes)))
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -154,6 +163,8 @@ class TernaryCore(wiring.Component):
         # group that never saw its last beat).
         clear = Signal()
         m.d.comb += clear.eq(emit | (self.i_stream.valid & beat.first & ~stall))
+        held = [Signal(signed(self.acc_width), name=f"out{k}") for k in range(self.lanes)]
+        take = out.valid & out.ready
         for k in range(self.lanes):
             acc = Signal(signed(self.acc_width), name=f"acc{k}")
             total = Signal(signed(self.acc_width), name=f"total{k}")
@@ -163,11 +174,27 @@ class TernaryCore(wiring.Component):
             with m.Elif(advance):
                 m.d.sync += acc.eq(total)
             with m.If(emit):
-                m.d.sync += out.payload[k].eq(total)
+                m.d.sync += held[k].eq(total)
+            if self.serial:
+                # a shift register: each transfer moves the next lane's sum to the head (the
+                # LUT in front of each flip-flop shares its logic cell: no cell per bit added)
+                with m.Elif(take):
+                    m.d.sync += held[k].eq(held[k + 1] if k + 1 < self.lanes else 0)
 
-        # emit implies the output register is empty (else stage 1 would stall), so it wins.
-        with m.If(emit):
-            m.d.sync += out.valid.eq(1)
-        with m.Elif(out.ready):
-            m.d.sync += out.valid.eq(0)
+        if self.serial:
+            m.d.comb += out.payload.eq(held[0])
+            taken = Signal(range(self.lanes))           # sums of the group already taken
+            with m.If(emit):
+                m.d.sync += [out.valid.eq(1), taken.eq(0)]
+            with m.Elif((take & (taken == self.lanes - 1)) | self.flush):
+                m.d.sync += out.valid.eq(0)
+            with m.Elif(take):
+                m.d.sync += taken.eq(taken + 1)
+        else:
+            m.d.comb += [out.payload[k].eq(held[k]) for k in range(self.lanes)]
+            # emit implies the output register is empty (else stage 1 would stall), so it wins.
+            with m.If(emit):
+                m.d.sync += out.valid.eq(1)
+            with m.Elif(out.ready):
+                m.d.sync += out.valid.eq(0)
         return m

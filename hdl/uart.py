@@ -82,7 +82,8 @@ class UARTRx(wiring.Component):
         m.d.sync += [sync1.eq(self.rx), line.eq(sync1)]
 
         timer = Signal(range(d))
-        bit = Signal(range(8))
+        # the data bits shift in at the top behind a marker bit (loaded at the start bit), so
+        # the last data bit is due when the marker has reached bit 0: no bit counter
         shreg = Signal(8)
         expired = Signal()
         m.d.comb += expired.eq(timer == 0)
@@ -101,14 +102,14 @@ class UARTRx(wiring.Component):
             with m.State("START"):
                 with m.If(expired):
                     with m.If(~line):
-                        m.d.sync += [timer.eq(d - 1), bit.eq(0)]
+                        m.d.sync += [timer.eq(d - 1), shreg.eq(0x80)]
                         m.next = "DATA"
                     with m.Else():
                         m.next = "IDLE"         # a glitch, not a start bit
             with m.State("DATA"):
                 with m.If(expired):
-                    m.d.sync += [shreg.eq(Cat(shreg[1:], line)), timer.eq(d - 1), bit.eq(bit + 1)]
-                    with m.If(bit == 7):
+                    m.d.sync += [shreg.eq(Cat(shreg[1:], line)), timer.eq(d - 1)]
+                    with m.If(shreg[0]):
                         m.next = "STOP"
             with m.State("STOP"):
                 with m.If(expired):

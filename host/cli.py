@@ -243,6 +243,7 @@ def cmd_sim_board(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmfree.firmware.isa import ICEBREAKER          # plain Python: the defaults come from it
     parser = argparse.ArgumentParser(
         prog="mmfree",
         description="MatMul-free language models on FPGAs: convert checkpoints to board model files, "
@@ -255,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scales, norm weights, int8 embeddings and the sigmoid table.")
     p.add_argument("checkpoint", metavar="HF_DIR", help="checkpoint directory (config.json + safetensors)")
     p.add_argument("out", metavar="OUT", help="board model file to write")
-    p.add_argument("--lanes", type=int, default=32, choices=(8, 16, 32, 64),
-                   help="trits per weight word: the ternary core's lanes (default 32)")
+    p.add_argument("--lanes", type=int, default=ICEBREAKER.lanes, choices=(8, 16, 32, 64),
+                   help=f"trits per weight word: the ternary core's lanes (default {ICEBREAKER.lanes}, "
+                        f"the iCEBreaker bitstream's)")
     p.add_argument("--res-frac", type=int, metavar="F",
                    help="fractional bits of the int16 residual stream at every stage "
                         "(default: calibrated per stage)")
@@ -353,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to a TCP port on 127.0.0.1, print the URL to give `mmfree run --port` "
                                    "as the first line on stdout, and serve until Ctrl-C.")
     p.add_argument("--port", type=int, default=5555, metavar="N", help="TCP port (default 5555; 0: any free port)")
-    p.add_argument("--lanes", type=int, default=32, choices=(8, 16, 32), help="ternary core lanes (default 32)")
+    p.add_argument("--lanes", type=int, default=ICEBREAKER.lanes, choices=(8, 16, 32),
+                   help=f"ternary core lanes (default {ICEBREAKER.lanes})")
     p.add_argument("--core", choices=("accelerator", "stub"), default="accelerator",
                    help="the accelerator core (default) or the link layer's test double (StubCore)")
     p.set_defaults(func=cmd_sim_board)

@@ -21,7 +21,7 @@ from .config import ModelConfig
 __all__ = ["NormParams", "BitLinearParams", "LayerParams", "QuantizedModel", "ConversionError",
            "quantize_model", "DEFAULT_LANES", "PROJECTIONS"]
 
-DEFAULT_LANES = 32          # trits per 64-bit word: four 16-bit SPRAMs read in parallel
+DEFAULT_LANES = 16          # the iCEBreaker core's lanes (firmware.isa.ICEBREAKER; tests check)
 PROJECTIONS = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
 
 

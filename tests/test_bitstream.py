@@ -337,25 +337,15 @@ def test_cli_build_refuses_bad_options(capsys):
 
 @pytest.fixture(scope="module")
 def full_build(tmp_path_factory):
-    """The iCEBreaker bitstream of the accelerator top at the default ICEBREAKER configuration
-    (32 lanes, 24 MHz, 3 Mbaud): PLL, power-on reset, UART pins, UART, link layer — with the
-    TEST DOUBLE core ``StubCore`` in place of ``AcceleratorCore``. About 40 s.
-
-    Why the stub: the real AcceleratorTop does not fit the iCE40UP5K yet. Built with
-    ``mmfree build --board icebreaker`` it needs 9,605 logic cells of 5,280 and 10 SB_MAC16 of
-    8 (18 EBR, 4 SPRAM) at 32 lanes, 8,619 cells at 16 lanes; docs/bitstream.md has the
-    figures per block. Once it fits, replace ``design=`` below by nothing (build_bitstream's
-    default is the real ``AcceleratorTop(hw, spram=True)``), set ``REAL_CORE = True`` and
-    expect a few minutes."""
+    """The iCEBreaker bitstream of the accelerator at the default ICEBREAKER configuration
+    (16 lanes, 24 MHz, 3 Mbaud): the real AcceleratorTop (PLL, power-on reset, UART pins,
+    UART, link layer, AcceleratorCore with the SPRAM weight memory). A few minutes: yosys
+    ~20 s, nextpnr places and routes ~90 % of the UP5K's logic cells."""
     out = tmp_path_factory.mktemp("icebreaker")
-    design = None if REAL_CORE else _stub_top(ICEBREAKER)
     try:
-        return build_bitstream("icebreaker", ICEBREAKER, out, design=design), out
+        return build_bitstream("icebreaker", ICEBREAKER, out), out
     except BuildError as exc:
         pytest.fail(f"the iCEBreaker bitstream does not build: {exc}")
-
-
-REAL_CORE = False       # see full_build
 
 
 @pytest.mark.slow
@@ -363,12 +353,10 @@ def test_full_bitstream_fits_and_meets_24mhz(full_build):
     report, out = full_build
     print(report.text())
     assert isinstance(report, BuildReport) and report.verdict == "ok"
-    assert report.design == ("AcceleratorTop(AcceleratorCore)" if REAL_CORE
-                             else "AcceleratorTop(StubCore)")
+    assert report.design == "AcceleratorTop(AcceleratorCore)"
     assert report.fits and report.used["ICESTORM_LC"] <= 5280
     assert report.used["ICESTORM_DSP"] <= 8 and report.used["ICESTORM_RAM"] <= 30
-    if REAL_CORE:
-        assert report.used["ICESTORM_SPRAM"] == 4, "the weight memory is the four SPRAMs"
+    assert report.used["ICESTORM_SPRAM"] == 4, "the weight memory is the four SPRAMs"
     assert report.used["ICESTORM_PLL"] == 1 and report.used["SB_IO"] == 3    # clock, rx, tx
     assert report.clock_mhz == MIN_CLOCK_MHZ and report.fmax_mhz >= MIN_CLOCK_MHZ
     bin_path = Path(report.bin_path)

@@ -38,7 +38,7 @@ def shipped_image(shipped):
     return build_image(shipped, ICEBREAKER)
 
 
-def small_model(make_tensors, V, d, L, I, lb=True, lanes=32, seed=None, formats=False):
+def small_model(make_tensors, V, d, L, I, lb=True, lanes=16, seed=None, formats=False):
     """A random model; ``formats`` gives fixed formats (no calibration run) for fit tests."""
     seed = 1000 * L + 7 * d + V if seed is None else seed
     print(f"model V{V} d{d} L{L} I{I} lb={lb} lanes={lanes}: seed {seed}")
@@ -75,7 +75,7 @@ def test_shipped_model_runs_bit_exact(shipped, shipped_image):
     assert not interp.state.any()
     run_both(shipped, interp, tokens[:16])
     # counters: every weight once per token; core busy = ternary weights / lanes here
-    assert interp.last_core_busy == shipped.cfg.ternary_weights() // 32 == 9728
+    assert interp.last_core_busy == shipped.cfg.ternary_weights() // ICEBREAKER.lanes == 19456
     assert interp.last_cycles == sum(c.cycles for c in program_cost(interp.program))
     print(f"shipped model: {interp.last_cycles} cycles/token, core busy {interp.last_core_busy}, "
           f"{interp.last_cycles / interp.last_core_busy:.3f}x the ideal")
@@ -266,16 +266,18 @@ def test_decode_rejects_bad_words():
 def test_hardware_config():
     assert ICEBREAKER == HardwareConfig()
     assert (ICEBREAKER.lanes, ICEBREAKER.weight_words * 8, ICEBREAKER.max_rows, ICEBREAKER.max_cols) == \
-        (32, 131072, 512, 256)
-    text = ("mmfree-hw isa=1 lanes=32 max_d=128 max_inter=256 max_vocab=256 max_layers=4 "
+        (16, 131072, 512, 256)
+    from mmfree.models.quantized import DEFAULT_LANES
+    assert DEFAULT_LANES == ICEBREAKER.lanes
+    text = ("mmfree-hw isa=1 lanes=16 max_d=128 max_inter=256 max_vocab=256 max_layers=4 "
             "weight_words=16384 program_words=256 scratch_words=2048 clock_hz=24000000 baud=3000000")
     assert ICEBREAKER.config_hash == zlib.crc32(text.encode())
-    hashes = {HardwareConfig(**{f.name: getattr(ICEBREAKER, f.name) * 2 if f.name != "lanes" else 16})
+    hashes = {HardwareConfig(**{f.name: getattr(ICEBREAKER, f.name) * 2 if f.name != "lanes" else 32})
               .config_hash for f in fields(HardwareConfig)}
     assert len(hashes) == len(fields(HardwareConfig)) and ICEBREAKER.config_hash not in hashes
     info = ICEBREAKER.info()
     assert (info.config_hash, info.memory_bytes, info.lanes, info.max_vocab) == \
-        (ICEBREAKER.config_hash, 131072, 32, 256)
+        (ICEBREAKER.config_hash, 131072, 16, 256)
     for kw, message in [({"lanes": 64}, "lanes must be 8, 16 or 32"),
                         ({"max_d": 0}, "max_d must be a positive integer"),
                         ({"max_vocab": 70000}, "max_vocab must be at most 65535"),
@@ -300,8 +302,8 @@ def test_check_fits_messages(make_tensors, shipped):
         with pytest.raises(ModelDoesNotFit):
             build_image(qm, hw)
 
-    refuses(shipped, HardwareConfig(lanes=16), "the model's trits are packed for 32 lanes and this "
-            "bitstream's ternary core has 16; convert the model again with lanes=16")
+    refuses(shipped, HardwareConfig(lanes=32), "the model's trits are packed for 16 lanes and this "
+            "bitstream's ternary core has 32; convert the model again with lanes=32")
     refuses(shipped, HardwareConfig(max_d=96), "the model's hidden size d = 128 exceeds this "
             "bitstream's max_d = 96 by 32")
     refuses(shipped, HardwareConfig(max_inter=128), "the model's intermediate size I = 192 exceeds "
@@ -311,8 +313,9 @@ def test_check_fits_messages(make_tensors, shipped):
     refuses(shipped, HardwareConfig(max_layers=1), "the model's layers = 2 exceeds this "
             "bitstream's max_layers = 1 by 1")
     # scratch: 3d + max(5d, 3I, V) words
-    refuses(shipped, HardwareConfig(scratch_words=1000), "the model needs 1,024 words of scratch "
-            "memory; this bitstream has 1,000 (24 words too many)")
+    # the top 3 x 256 words of scratch are the core's temporary vectors
+    refuses(shipped, HardwareConfig(scratch_words=1780), "the model needs 1,024 words of scratch "
+            "memory; this bitstream leaves programs 1,012 of its 1,780 (12 words too many)")
     refuses(shipped, HardwareConfig(program_words=60), "the model's program needs 62 words; this "
             "bitstream's sequencer addresses 60 (2 words too many)")
     # weight memory: every part counted here independently of memory_map
@@ -347,7 +350,7 @@ def test_image_layout(shipped, shipped_image):
     assert h == image.header == check_image(data, ICEBREAKER)
     assert data[:4] == b"MMFI"
     assert (h.isa_version, h.arith_version, h.lanes, h.n_layers, h.vocab, h.d, h.inter) == \
-        (isa.ISA_VERSION, arith.ARITH_VERSION, 32, 2, 256, 128, 192)
+        (isa.ISA_VERSION, arith.ARITH_VERSION, 16, 2, 256, 128, 192)
     assert (h.image_length, h.config_hash, h.program_addr) == (len(data), ICEBREAKER.config_hash, 4)
     # header fields at the documented offsets
     for name, (offset, size) in isa.HEADER_FIELDS.items():
@@ -374,7 +377,7 @@ def test_image_layout(shipped, shipped_image):
     mm = image.memory
     for name, p in qm.bitlinears():
         r = mm[f"{name}.trits"]
-        assert data[r.byte:r.byte + r.nbytes] == pack_trits(p.trits, 32).tobytes()
+        assert data[r.byte:r.byte + r.nbytes] == pack_trits(p.trits, ICEBREAKER.lanes).tobytes()
         assert not any(data[r.byte + r.nbytes:(r.word + r.words) * 8])
         assert r.words == -(-p.trits.shape[0] // 32) * p.trits.shape[1]     # one word per column
     # embeddings, scales and vectors
@@ -430,7 +433,7 @@ def test_program_reaches_every_constant(shipped, shipped_image):
 
 def test_assembler_round_trip(shipped_image):
     listing = assembler.disassemble(shipped_image)
-    assert listing.startswith("; tiny-fortunes: V=256 d=128 L=2 I=192 lanes=32, 31 instructions at word 4")
+    assert listing.startswith("; tiny-fortunes: V=256 d=128 L=2 I=192 lanes=16, 31 instructions at word 4")
     assert "@0004  EMBED" in listing and "; layers.1.mlgru" in listing
     program = assembler.assemble(listing, ICEBREAKER)
     assert program == list(shipped_image.program)
@@ -463,37 +466,41 @@ def test_assembler_round_trip(shipped_image):
 
 def test_cost_model_matches_the_units():
     """The latencies the cost model assumes are the ones the gateware units document."""
-    from mmfree.hdl.activation import GLU as GLUUnit
-    from mmfree.hdl.mlgru import MLGRU as MLGRUUnit
-    from mmfree.hdl.quantizer import Quantizer
-    from mmfree.hdl.rescale import FACTOR_CYCLES_MAX, Rescale
-    from mmfree.hdl.rmsnorm import NormApply, stats_latency
-    from mmfree.hdl.ternary_core import TernaryCore, acc_width_for
+    from mmfree.hdl.rmsnorm import stats_latency
+    from mmfree.hdl.scalars import BitLinearScalars
+    from mmfree.hdl.sequencer import OPERAND_STAGES
+    from mmfree.hdl.valu import VALU
 
-    for hw in (ICEBREAKER, HardwareConfig(max_d=512, max_inter=1024, max_vocab=512)):
+    for hw in (ICEBREAKER, HardwareConfig(max_d=512, max_inter=1024, max_vocab=512, scratch_words=8192)):
         cm = CostModel.for_hw(hw)
         assert cm.lanes == hw.lanes
         assert cm.stats == stats_latency(hw.max_cols)
-        assert cm.rescale == Rescale(acc_width_for(hw.max_cols)).latency
-        assert (cm.apply, cm.quant, cm.core, cm.factor) == (NormApply.latency, Quantizer.LATENCY,
-                                                            TernaryCore.latency, FACTOR_CYCLES_MAX)
-        assert (cm.mlgru, cm.mlgru_ii, cm.glu) == (MLGRUUnit.LATENCY, MLGRUUnit.II, GLUUnit.LATENCY)
+        assert (cm.valu, cm.scalars) == (VALU(1).latency, BitLinearScalars.max_cycles)
+        assert cm.operand == OPERAND_STAGES
 
 
 def test_cost_formulas():
-    cm = CostModel.for_hw(ICEBREAKER)
-    assert (cm.stats, cm.rescale) == (98, 7)
+    cm = CostModel.for_hw(HardwareConfig(lanes=32))
+    assert (cm.stats, cm.valu, cm.scalars) == (123, 6, 112)
+    pass_ = lambda n: 1 + n + 1 + 6 + 2               # start, elements, operand register, VALU, end
     bl = BitLinear(dst=0, src=0, rows=128, cols=128, g_addr=0, trit_addr=0, eps_q=1, gamma_mant=1 << 15,
                    scale_exp=0)
-    # x pass 129, quantizer 49, A buffer 128, group 0: 1 + 128 + 2 -> 437; 3 more groups of 128;
-    # last group's 32 sums, rescale 7, write 1; fetch 4
-    assert cm.cost(bl) == (4 + 437 + 3 * 128 + 32 + 7 + 1, 512)
-    # a short input: the norm statistics and the rescale factor are the longer path
+    # statistics and absmax (+ scalars), normalize, activations; core: 4 groups of 128 columns,
+    # group 0 started 8 cycles into the activation pass, the last group's 32 sums drain
+    stats_absmax = 1 + 128 + 123 + 112 + 3
+    core = 1 + 3 * 128 + 32 + 1 + 6 + 2
+    assert cm.cost(bl) == (4 + stats_absmax + 2 * pass_(128) + core, 512)
+    # fewer columns than lanes: groups start lanes + 1 cycles apart
     short = replace(bl, rows=40, cols=16)
-    assert cm.cost(short) == (4 + (1 + 16 + 98 + 87) + 1 * 32 + 8 + 7 + 1, 2 * 16)
-    assert cm.cost(Norm(dst=0, src=0, n=128, w_addr=0, frac_diff=0, eps_q=1)) == (4 + 129 + 98 + 1 + 129 + 8 + 1, 0)
-    assert cm.cost(MLGRU(dst=0, i_src=0, f_src=0, gn_src=0, n=128, layer=0, has_lb=0, lb_addr=0,
-                         g_frac=0, o_frac=0)) == (4 + 1 + 384 + 26 + 1, 0)
+    assert cm.cost(short) == (4 + (1 + 16 + 123 + 112 + 3) + 2 * pass_(16)
+                              + 1 + 1 * 33 + 8 + 1 + 6 + 2, 2 * 16)
+    assert cm.cost(Norm(dst=0, src=0, n=128, w_addr=0, frac_diff=0, eps_q=1)) == (
+        4 + (1 + 128 + 123 + 2) + pass_(128), 0)
+    mlgru = MLGRU(dst=0, i_src=0, f_src=0, gn_src=0, n=128, layer=0, has_lb=0, lb_addr=0,
+                  g_frac=0, o_frac=0)
+    # 8 sub-passes, the lower bound's skipped (1 cycle)
+    assert cm.cost(mlgru) == (4 + 7 * pass_(128) + 1, 0)
+    assert cm.cost(replace(mlgru, has_lb=1)) == (4 + 8 * pass_(128), 0)
 
 
 def test_docs_state_the_current_layout_and_cycles(shipped_image):

@@ -750,9 +750,9 @@ def test_model_that_does_not_fit_is_refused_before_any_load(serve, shipped, caps
         (default_info(max_d=64), ModelDoesNotFit, None),
         (default_info(max_layers=1), ModelDoesNotFit, None),
         (default_info(memory_bytes=64 * 1024), ModelDoesNotFit, None),
-        (default_info(lanes=16), BitstreamMismatch,
-         "the model's ternary weights are packed for 32 lanes, the bitstream's core has 16; convert "
-         "the checkpoint again with --lanes 16"),
+        (default_info(lanes=32), BitstreamMismatch,
+         "the model's ternary weights are packed for 16 lanes, the bitstream's core has 32; convert "
+         "the checkpoint again with --lanes 32"),
         (default_info(arith_version=arith.ARITH_VERSION + 1), BitstreamMismatch,
          f"the bitstream implements arithmetic version {arith.ARITH_VERSION + 1}, this mmfree's models "
          f"use version {arith.ARITH_VERSION}; build the bitstream with this version of mmfree"),
