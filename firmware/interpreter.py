@@ -55,8 +55,12 @@ class CostModel:
     * a VALU sub-pass of n elements: 1 (start) + n (one element per cycle; the scratch memory
       has two read ports) + ``operand`` (the register in front of the VALU) + ``valu`` + 2 (the
       results go straight from the VALU into scratch, the state or the activation buffer);
-    * a statistics pass (NORM): 1 + n + ``stats`` + 2; BITLINEAR's statistics-and-absmax pass:
-      1 + n + max(stats, operand + valu) + ``scalars`` + 3; ARGMAX: 1 + n + 2;
+    * a statistics pass (NORM): 1 + n + ``stats`` + 2; ARGMAX: 1 + n + 2;
+    * BITLINEAR: its statistics-and-absmax pass and its normalize pass (which needs only
+      ``sh`` from max|x·g|) are VALU sub-passes; NormStats and then BitLinearScalars work
+      meanwhile, and the act pass starts when their results are there: from the first pass's
+      start to the act pass's start ``1 + max(2·(C + operand + valu + 2) + 1, C + stats +
+      scalars + 2)`` cycles; then the act pass (a VALU sub-pass);
     * BITLINEAR's core phase: G = ceil(rows / lanes) row groups of ``cols`` columns, one column
       per cycle, started ``max(cols, lanes + 1)`` cycles apart (a group's sums drain through the
       VALU one per cycle while the next accumulates); group 0 starts ``operand + valu + 2``
@@ -79,18 +83,24 @@ class CostModel:
         return cls(lanes=hw.lanes, stats=max(ss_width, 34) + 84)
 
     def sub_pass(self, sp, n: int) -> int:
-        """Cycles of one sub-pass of ``n`` elements (not BITLINEAR's core phase)."""
-        if sp.reduce == Reduce.STATS_ABSMAX:
-            return 1 + n + max(self.stats, self.operand + self.valu) + self.scalars + 3
+        """Cycles of one sub-pass of ``n`` elements (BITLINEAR's are in :meth:`bitlinear`)."""
         if sp.reduce == Reduce.STATS:
             return 1 + n + self.stats + 2
         if not sp.valu:
             return 1 + n + 2
         return 1 + n + self.operand + self.valu + 2
 
+    def bitlinear(self, rows: int, cols: int) -> int:
+        """BITLINEAR without its fetch: the stats_absmax and normalize passes, while NormStats
+        and then BitLinearScalars work (the act pass waits for them), the act pass, and the
+        core phase with its drain."""
+        valu_pass = 1 + cols + self.operand + self.valu + 2
+        head = 1 + max(2 * (valu_pass - 1) + 1, cols + self.stats + self.scalars + 2)
+        return head + valu_pass + self.core_phase(rows, cols)
+
     def core_phase(self, rows: int, cols: int) -> int:
         """The drain sub-pass: from its start to its last result, the core having started
-        ``valu + 2`` cycles into the "act" pass before it."""
+        ``operand + valu + 2`` cycles into the "act" pass before it."""
         groups = -(-rows // self.lanes)
         last_rows = rows - (groups - 1) * self.lanes
         return 1 + (groups - 1) * max(cols, self.lanes + 1) + last_rows + self.operand + self.valu + 2
@@ -102,20 +112,19 @@ class CostModel:
             return self.fetch, 0
         if isinstance(insn, ArgMax):
             return self.fetch + 1 + insn.n + 2, 0
+        if isinstance(insn, BitLinear):
+            return (self.fetch + self.bitlinear(insn.rows, insn.cols),
+                    -(-insn.rows // self.lanes) * insn.cols)
         name = _MICROCODE_NAME.get(type(insn))
         if name is None:
             raise TypeError(f"no cost for {insn!r}")
         cycles = self.fetch + (self.embed_scale if isinstance(insn, Embed) else 0)
-        busy = 0
         for sp in MICROCODE[name]:
             if sp.cond_lb and not insn.has_lb:
                 cycles += 1                              # the skipped sub-pass's start cycle
-            elif sp.name == "drain":
-                cycles += self.core_phase(insn.rows, insn.cols)
-                busy = -(-insn.rows // self.lanes) * insn.cols
             else:
-                cycles += self.sub_pass(sp, insn.cols if isinstance(insn, BitLinear) else insn.n)
-        return cycles, busy
+                cycles += self.sub_pass(sp, insn.n)
+        return cycles, 0
 
 
 _MICROCODE_NAME = {Embed: "EMBED", Norm: "NORM", BitLinear: "BITLINEAR", MLGRU: "MLGRU",

@@ -1,4 +1,4 @@
-"""The sequencer of the v2 core: fetches the per-token program from the weight memory, decodes
+"""The sequencer of the accelerator core: fetches the per-token program from the weight memory, decodes
 it with ``firmware.isa.instruction_layout`` and runs every macro-op as the sub-passes of
 ``firmware.valu.MICROCODE`` through one shared element ALU (:class:`~mmfree.hdl.valu.VALU`),
 the norm statistics unit, the BitLinear scalars unit and the ternary core.
@@ -18,11 +18,12 @@ from mmfree.firmware import valu as vc
 from mmfree.firmware.isa import WORD_BITS, HardwareConfig, Op, instruction_layout
 from mmfree.firmware.valu import (ASrc, Base, BSrc, CSrc, Dst, MICROCODE, MSrc, Reduce,
                                   ShiftSrc, WKind)
+from mmfree.hdl.primitives import bit_length
 from mmfree.hdl.rmsnorm import NormStats
 from mmfree.hdl.scalars import BitLinearScalars
 from mmfree.hdl.ternary_core import TernaryCore
 from mmfree.hdl.valu import VALU
-from mmfree.models.arith import PRE_FRAC
+from mmfree.models.arith import PRE_FRAC, QUANT_BITS
 
 __all__ = ["StartBeat", "DoneBeat", "CoreUnits", "Sequencer", "program_cycles"]
 
@@ -86,6 +87,11 @@ class CoreUnits:
         return [(name, getattr(self, name)) for name in self.NAMES]
 
 
+def _uses_scalars(sp: vc.SubPass) -> bool:
+    """Whether a sub-pass needs BitLinearScalars' results (1/mvn, the rescale factor)."""
+    return (sp.m in (MSrc.RECIP, MSrc.S)) or sp.shift == ShiftSrc.Z or sp.b == BSrc.RESCALE
+
+
 def _microcode_rows():
     """(op, index, SubPass, is_last) for every sub-pass, plus ARGMAX as one comparator pass."""
     rows = []
@@ -125,15 +131,21 @@ class Sequencer(wiring.Component):
 
     Execution
     ---------
-    Each instruction: fetch (2 weight words) and decode, then its sub-passes in order. A
-    sub-pass issues element ``j`` in cycle ``t0 + j`` (scratch, weight and state addresses);
-    its operands are on the read ports one cycle later and enter the VALU (or NormStats, or the
-    ARGMAX comparator) in that cycle; the VALU's results are written in order (scratch, state
-    or activation buffer). The next sub-pass starts when the last result is written (and,
-    after a statistics pass, when the statistics, or for BITLINEAR the scalars, are ready).
-    BITLINEAR's core phase feeds the ternary core one column per cycle, groups
-    ``max(cols, lanes + 1)`` cycles apart so that a group's sums (drained one per cycle
-    through the VALU, as the "drain" sub-pass) never stall the core.
+    Each instruction: fetch (2 weight words) and decode, then its sub-passes in order (a ROM
+    built from ``MICROCODE`` gives each sub-pass's operand sources, VALU mode and
+    destination). A sub-pass issues element ``j`` in cycle ``t0 + j`` (scratch X/Y, weight and
+    state addresses); its operands are on the read ports one cycle later and go to NormStats or
+    the ARGMAX comparator in that cycle, and through the operand register
+    (``OPERAND_STAGES``) to the VALU; the VALU's results are written in order, straight to
+    scratch, the state or the activation buffer. The next sub-pass starts when the last
+    result is written (and, after a statistics pass, when the statistics, or for BITLINEAR the
+    scalars, are ready: always after ``BitLinearScalars.max_cycles``, so that costs depend on
+    operands only). BITLINEAR's core phase starts ``OPERAND_STAGES + VALU.latency + 2``
+    cycles into the "act" pass (each column after its activation is written) and feeds the
+    ternary core one column per cycle, groups ``max(cols, lanes + 1)`` cycles apart, so that a
+    group's sums (shifted out of the core one per cycle into the VALU: the "drain" sub-pass,
+    the padding rows of a partial group flushed) never stall it.
+    ``firmware.interpreter.CostModel`` is the cycle count of all this, exactly.
     """
 
     def __init__(self, hw: HardwareConfig, units: CoreUnits):
@@ -203,11 +215,12 @@ class Sequencer(wiring.Component):
         # ================================================================ microcode ROM
         rows = _microcode_rows()
         step = Signal(3)                     # sub-pass index within the instruction
+        assert all(i < 8 for _, i, _, _ in rows), "a macro-op has more sub-passes than step counts"
         ctl = {k: Signal(w, name=f"uc_{k}") for k, w in (
             ("x", 3), ("y", 3), ("w", 2), ("a", 3), ("b", 2), ("m", 4), ("c", 2), ("shift", 3),
             ("shift_const", 6), ("mode", 2), ("out", 1), ("dst", 2), ("dst_base", 3),
             ("reduce", 2), ("cond_lb", 1), ("valu", 1), ("drain", 1), ("last", 1),
-            ("argmax", 1))}
+            ("argmax", 1), ("scalars", 1))}
         with m.Switch(Cat(step, op)):
             for o, i, sp, last in rows:
                 with m.Case(i | (int(o) << 3)):
@@ -217,7 +230,7 @@ class Sequencer(wiring.Component):
                             "dst_base": sp.dst_base, "reduce": sp.reduce,
                             "cond_lb": sp.cond_lb, "valu": sp.valu,
                             "drain": sp.name == "drain", "last": last,
-                            "argmax": o == Op.ARGMAX}
+                            "argmax": o == Op.ARGMAX, "scalars": _uses_scalars(sp)}
                     m.d.comb += [ctl[k].eq(int(v)) for k, v in vals.items() if int(v)]
 
         # ================================================================ decoded operands
@@ -522,6 +535,22 @@ class Sequencer(wiring.Component):
 
         stats_done = Signal()
         scalars_done = Signal()
+        # BITLINEAR: max|x·g| is final when the stats_absmax pass ends; the normalize pass needs
+        # only sh = bitlen(mv) - 15 (qm = 2**-sh for sh < 0, qs = max(sh, 0)), computed here,
+        # so it runs while NormStats and then BitLinearScalars work on (mv is held for them:
+        # the normalize pass's products move the VALU's absmax)
+        mv_r = Signal(31)
+        absmax_ok = Signal()
+        # two register stages from mv_r to qm/qs (a priority encoder, then a shift): mv_r is
+        # taken in the stats_absmax pass's last cycle T and the normalize pass's first operands
+        # enter the operand register in T + 3
+        mv_bits = bit_length(m, mv_r, "mv_bits")
+        sh_r = Signal(signed(7))
+        m.d.sync += [
+            sh_r.eq(Mux(mv_r == 0, 0, mv_bits - QUANT_BITS)),
+            sc["qs"].eq(Mux(sh_r < 0, 0, sh_r[:5])),
+            sc["qm"].eq(Mux(sh_r < 0, C(1, 16) << (-sh_r)[:4], 1)),
+        ]
         m.d.comb += [stats.o_stream.ready.eq(1), scalars.o_stream.ready.eq(1)]
         with m.If(stats.o_stream.valid):
             m.d.sync += [mant_r.eq(stats.o_stream.p.mant), e_r.eq(stats.o_stream.p.e),
@@ -531,12 +560,13 @@ class Sequencer(wiring.Component):
         sc_got = Signal()
         sc_wait = Signal(range(self.units.scalars.max_cycles + 1))
         with m.If(scalars.o_stream.valid):
-            m.d.sync += [sc[k].eq(scalars.o_stream.p[k]) for k in sc] + [sc_got.eq(1)]
+            m.d.sync += [sc[k].eq(scalars.o_stream.p[k]) for k in ("recip", "s", "zs", "zb")]
+            m.d.sync += sc_got.eq(1)
         with m.If(sc_wait != 0):
             m.d.sync += sc_wait.eq(sc_wait - 1)
         m.d.comb += scalars_done.eq(sc_got & (sc_wait == 0))
         m.d.comb += [
-            scalars.i_stream.p.mv.eq(valu.absmax), scalars.i_stream.p.mant.eq(mant_r),
+            scalars.i_stream.p.mv.eq(mv_r), scalars.i_stream.p.mant.eq(mant_r),
             scalars.i_stream.p.e.eq(e_r),
             scalars.i_stream.p.gamma_mant.eq(F(insn, Op.BITLINEAR, "gamma_mant")),
             scalars.i_stream.p.scale_exp.eq(F(insn, Op.BITLINEAR, "scale_exp")),
@@ -544,6 +574,12 @@ class Sequencer(wiring.Component):
         valu_idle = ~valu.busy & ~valu_in.valid
         issued_all = ~p_run | (p_j == p_n)
         wait_scalars = Signal()
+        # BITLINEAR: (mv, mant, e) into the scalars unit as soon as the statistics are ready,
+        # while the normalize pass runs; the act pass starts when the results are
+        with m.If(is_op[Op.BITLINEAR] & stats_done & absmax_ok & ~wait_scalars):
+            m.d.comb += scalars.i_stream.valid.eq(1)
+            with m.If(scalars.i_stream.ready):
+                m.d.sync += [wait_scalars.eq(1), sc_wait.eq(self.units.scalars.max_cycles)]
 
         with m.FSM() as fsm:
             with m.State("IDLE"):
@@ -589,9 +625,13 @@ class Sequencer(wiring.Component):
             with m.State("PASS_START"):
                 with m.If(ctl["cond_lb"] & ~has_lb):
                     m.d.sync += step.eq(step + 1)
+                with m.Elif(ctl["scalars"] & ~(wait_scalars & scalars_done)):
+                    pass                        # 1/mvn and the rescale factor are not ready yet
                 with m.Else():
                     start_pass(m)
-                    m.d.sync += [stats_done.eq(0), sc_got.eq(0), wait_scalars.eq(0)]
+                    with m.If(ctl["reduce"] != Reduce.NONE):     # a new statistics pass
+                        m.d.sync += [stats_done.eq(0), sc_got.eq(0), wait_scalars.eq(0),
+                                     absmax_ok.eq(0)]
                     m.d.comb += valu.absmax_clear.eq(ctl["reduce"] == Reduce.STATS_ABSMAX)
                     with m.If(ctl["drain"]):
                         m.d.sync += drain_left.eq(rows_n)
@@ -612,15 +652,11 @@ class Sequencer(wiring.Component):
                 m.d.comb += done_elems.eq(Mux(
                     ctl["drain"], ~feeding & (drain_left == 0) & valu_idle,
                     issued_all & ~d_valid & valu_idle))
-                need_stats = stats_pass
-                need_scalars = ctl["reduce"] == Reduce.STATS_ABSMAX
-                # BITLINEAR: the statistics, then max|x·g| and them into the scalars unit
-                with m.If(done_elems & need_scalars & stats_done & ~wait_scalars):
-                    m.d.comb += scalars.i_stream.valid.eq(1)
-                    with m.If(scalars.i_stream.ready):
-                        m.d.sync += [wait_scalars.eq(1), sc_wait.eq(self.units.scalars.max_cycles)]
-                ready = done_elems & (~need_stats | stats_done) & (
-                    ~need_scalars | (wait_scalars & scalars_done))
+                # NORM waits for its statistics; BITLINEAR's stats_absmax pass only for max|x·g|
+                need_stats = ctl["reduce"] == Reduce.STATS
+                ready = done_elems & (~need_stats | stats_done)
+                with m.If(ready & (ctl["reduce"] == Reduce.STATS_ABSMAX)):
+                    m.d.sync += [mv_r.eq(valu.absmax), absmax_ok.eq(1)]
                 with m.If(ready):
                     with m.If(ctl["drain"]):
                         m.d.sync += in_core_phase.eq(0)

@@ -13,6 +13,7 @@ import pytest
 from amaranth.sim import Simulator
 
 from mmfree.firmware.image import build_image
+from mmfree.firmware.program import ScratchMap
 from mmfree.firmware.interpreter import CostModel, Interpreter, program_cost
 from mmfree.firmware.isa import (HEADER_WORDS, ICEBREAKER, ISA_VERSION, WORD_BYTES, ArgMax,
                                  Embed, Halt, HardwareConfig, ImageHeader, ResAdd,
@@ -33,9 +34,12 @@ RESET = "reset"
 
 
 def small_hw(lanes, V, d, L, I):
-    """A configuration just large enough for the model (small memories: fast to simulate)."""
+    """A configuration just large enough for the model (small memories: fast to simulate):
+    the program's scratch buffers plus the core's temporary vectors."""
+    scratch = ScratchMap.for_dims(d, I, V).words + 3 * max(d, I)
     return HardwareConfig(lanes=lanes, max_d=d, max_inter=I, max_vocab=V, max_layers=L,
-                          weight_words=1 << 11, scratch_words=512, program_words=2 * (13 * L + 5))
+                          weight_words=1 << 12, scratch_words=max(512, scratch),
+                          program_words=2 * (13 * L + 5))
 
 
 def build(make_tensors, V, d, L, I, lanes, seed):
@@ -153,8 +157,10 @@ def check(events, got):
 
 
 # (V, d, L, I, lanes): partial last row groups (V, d, I not multiples of the lanes), cols both
-# above and equal to the lanes (TernaryCore's group gap), two layers with lower bounds
-SHAPES = [(40, 16, 1, 20, 16), (52, 28, 2, 24, 8)]
+# above and equal to the lanes (TernaryCore's group gap), two layers with lower bounds, and a
+# 256-column down_proj (its normalize pass, not the scalars unit, decides when its act pass
+# starts: the other branch of the cost model)
+SHAPES = [(40, 16, 1, 20, 16), (52, 28, 2, 24, 8), (20, 16, 1, 256, 16)]
 
 
 @pytest.mark.parametrize("V,d,L,I,lanes", SHAPES)

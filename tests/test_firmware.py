@@ -485,15 +485,21 @@ def test_cost_formulas():
     pass_ = lambda n: 1 + n + 1 + 6 + 2               # start, elements, operand register, VALU, end
     bl = BitLinear(dst=0, src=0, rows=128, cols=128, g_addr=0, trit_addr=0, eps_q=1, gamma_mant=1 << 15,
                    scale_exp=0)
-    # statistics and absmax (+ scalars), normalize, activations; core: 4 groups of 128 columns,
-    # group 0 started 8 cycles into the activation pass, the last group's 32 sums drain
-    stats_absmax = 1 + 128 + 123 + 112 + 3
+    # the act pass starts when the scalars are ready: 1 (start) + 128 elements + the
+    # statistics (123) + 2 cycles to the request + the scalars (112), later than the
+    # stats_absmax and normalize passes (2 x 137 + 1); then the act pass, and the core
+    # phase: 4 groups of 128 columns, group 0 started under the act pass, the last group's
+    # 32 sums drain
+    head = 1 + max(2 * 137 + 1, 128 + 123 + 112 + 2)
     core = 1 + 3 * 128 + 32 + 1 + 6 + 2
-    assert cm.cost(bl) == (4 + stats_absmax + 2 * pass_(128) + core, 512)
+    assert cm.cost(bl) == (4 + head + pass_(128) + core, 512)
     # fewer columns than lanes: groups start lanes + 1 cycles apart
     short = replace(bl, rows=40, cols=16)
-    assert cm.cost(short) == (4 + (1 + 16 + 123 + 112 + 3) + 2 * pass_(16)
+    assert cm.cost(short) == (4 + 1 + (16 + 123 + 112 + 2) + pass_(16)
                               + 1 + 1 * 33 + 8 + 1 + 6 + 2, 2 * 16)
+    # a long input: the two passes are the longer path
+    long = replace(bl, rows=32, cols=256)
+    assert cm.cost(long) == (4 + 1 + (2 * pass_(256) - 1) + pass_(256) + 1 + 32 + 1 + 6 + 2, 256)
     assert cm.cost(Norm(dst=0, src=0, n=128, w_addr=0, frac_diff=0, eps_q=1)) == (
         4 + (1 + 128 + 123 + 2) + pass_(128), 0)
     mlgru = MLGRU(dst=0, i_src=0, f_src=0, gn_src=0, n=128, layer=0, has_lb=0, lb_addr=0,
