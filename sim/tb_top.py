@@ -7,9 +7,9 @@ reply byte is decoded from ``uart_tx`` (each bit checked at both ends of its win
 bit lasts exactly ``divisor`` cycles; the stop bit is checked).
 
 The oracle of every reply byte is :class:`mmfree.sim.refboard.ReferenceBoard` with
-:class:`CoreExecutor` (the firmware interpreter for this build's HardwareConfig, with the
-cycle counters of ``mmfree.hdl.sequencer.program_cycles`` when that exists; without it the
-TOKEN replies are compared field by field except the counters, which get a sanity check).
+:class:`CoreExecutor` (the firmware interpreter for this build's HardwareConfig; its cycle
+counters are the firmware cost model's, which is the core's exact cycle count), so TOKEN
+replies, counters included, are compared byte for byte.
 Next tokens and logits are also checked against the integer golden model's values, which the
 pytest side computed (``events``).
 
@@ -36,16 +36,12 @@ from cocotb.triggers import Event, FallingEdge, First, RisingEdge, Timer
 from cocotb.utils import get_sim_time
 
 from mmfree import protocol as P
+from mmfree.firmware.interpreter import program_cost
 from mmfree.firmware.isa import HardwareConfig
 from mmfree.hdl.uart import uart_divisor
 from mmfree.sim.cocotb_runner import tb_params
 from mmfree.sim.refboard import InterpreterExecutor, ReferenceBoard
 from mmfree.sim.tb_link import corrupt, garbage, load_done, load_frames, uart_bits
-
-try:                                    # the core's documented cycle model, if the core has one
-    from mmfree.hdl.sequencer import program_cycles
-except ImportError:                     # pragma: no cover - depends on the core being rewritten
-    program_cycles = None
 
 __all__ = ["CLK_PS", "RESET", "CoreExecutor", "PinHost"]
 
@@ -57,12 +53,10 @@ BUSY_LOW_MAX = 300                      # "a few hundred cycles" of busy low whi
 class CoreExecutor(InterpreterExecutor):
     """The accelerator core as the link sees it, for a known HardwareConfig ``hw`` (the INFO
     does not carry every field, so ``InterpreterExecutor``'s lookup cannot rebuild a small
-    test configuration). TOKEN's counters are ``program_cycles``' sums when
-    ``predicts_counters``, else the firmware cost model's (not the gateware's)."""
+    test configuration)."""
 
     def __init__(self, hw: HardwareConfig):
         self.hw = hw
-        self.predicts_counters = program_cycles is not None
 
     def header_ok(self, length):
         import numpy as np
@@ -75,13 +69,6 @@ class CoreExecutor(InterpreterExecutor):
             return False
         self._logits = np.zeros(self.vocab_size, dtype=np.int64)
         return True
-
-    def step(self, token):
-        r = super().step(token)
-        if not self.predicts_counters:
-            return r
-        costs = program_cycles(self.interp.program, self.hw)
-        return P.TokenResult(r.next_token, sum(c for c, _ in costs), sum(b for _, b in costs))
 
 
 class PinHost:
@@ -191,7 +178,6 @@ async def test_top_session(dut):
 
     executor = CoreExecutor(hw)
     model = ReferenceBoard(info, executor=executor)
-    cocotb.log.info(f"TOKEN counters predicted by program_cycles: {executor.predicts_counters}")
     decoder = P.FrameDecoder()
     expected_len = 0
     stats = {"token_cycles": [], "requests": 0}
@@ -209,18 +195,7 @@ async def test_top_session(dut):
                               12 * divisor * (len(want) + 40) + 2 * extra_cycles + 5000)
         got = bytes(host.received[start:expected_len])
         frames = decoder.feed(got)
-        want_frames = P.FrameDecoder().feed(want)
-        if executor.predicts_counters:
-            assert got == want, f"reply to {raw[:24].hex()}..:\n got {got.hex()}\nwant {want.hex()}"
-        else:                               # all but TOKEN's counters
-            assert [(f.opcode, f.status) for f in frames] == \
-                [(f.opcode, f.status) for f in want_frames], f"{frames} != {want_frames}"
-            for f, w in zip(frames, want_frames):
-                if f.opcode == P.OP_TOKEN | P.REPLY:
-                    (n, cycles, busy), (wn, _, _) = _token_fields(f), _token_fields(w)
-                    assert n == wn and 0 < busy <= cycles, (n, cycles, busy, wn)
-                else:
-                    assert f.payload == w.payload, f"{f} != {w}"
+        assert got == want, f"reply to {raw[:24].hex()}..:\n got {got.hex()}\nwant {want.hex()}"
         assert len(frames) == n_replies and all(f.status == "ok" for f in frames), frames
         # the reply is out: the design has nothing left to do
         await Timer(divisor * CLK_PS, unit="ps")
@@ -262,10 +237,7 @@ async def test_top_session(dut):
     assert model.model_ok
 
     # tokens (the golden model's chain), LOGITS after some, RESET_STATE in between
-    expected_cycles = None
-    if executor.predicts_counters:
-        costs = program_cycles(executor.interp.program, hw)
-        expected_cycles = sum(c for c, _ in costs)
+    expected_cycles = sum(c.cycles for c in program_cost(executor.interp.program, hw))
     logits_checked = 0
     for k, ev in enumerate(p["events"]):
         if ev == RESET:
@@ -275,7 +247,7 @@ async def test_top_session(dut):
             continue
         (f,), t_sent, t_reply = await transact(
             P.encode_frame(P.OP_TOKEN, struct.pack("<H", ev["token"])),
-            extra_cycles=4 * (expected_cycles or 20_000))
+            extra_cycles=4 * expected_cycles)
         nxt, cycles, busy = _token_fields(f)
         assert nxt == ev["next"], f"event {k}: token {ev['token']} → {nxt}, golden {ev['next']}"
         assert 0 < busy <= cycles
@@ -307,5 +279,5 @@ async def test_top_session(dut):
     assert int(dut.busy.value) == 0
     cocotb.log.info(f"{stats['requests']} requests, {expected_len} reply bytes, "
                     f"cycles/token {sorted(set(stats['token_cycles']))} "
-                    f"(program_cycles: {expected_cycles}), {logits_checked} LOGITS checked, "
+                    f"(cost model: {expected_cycles}), {logits_checked} LOGITS checked, "
                     f"{get_sim_time(unit='ps') // CLK_PS} cycles simulated")

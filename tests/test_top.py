@@ -1,7 +1,7 @@
 """The whole accelerator (hdl/top.py: UART + link layer + the real AcceleratorCore) with a small
 random model, in cocotb + Icarus, at its UART pins: sim/tb_top.py. Every reply byte is compared
 with mmfree.sim.refboard.ReferenceBoard (the firmware interpreter behind the link, counters from
-hdl.sequencer.program_cycles), and next tokens and logits with the integer golden model."""
+its exact cost model), and next tokens and logits with the integer golden model."""
 
 import dataclasses
 import random
